@@ -1,0 +1,94 @@
+"""Softmax attention mixer (GQA + RoPE) and its reference back end.
+
+Attention back ends are plugins of kind ``attention``: a function
+``backend(q, k, v, *, causal, scale) -> o`` with q (B, H, T, D), k and v (B, Hkv, S, D), o (B, H, T, D).
+``sdpa`` is the reference; accelerated ones (flash-attn, xformers) come as plugins.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import registry
+from ..registry import SleepzooError
+from . import MixerState
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None) -> Tensor:
+    """Reference back end: ``torch.nn.functional.scaled_dot_product_attention``; GQA by repeating K/V heads."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (T, head_dim) for rotary embeddings in the half-split (Llama/Qwen) layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, H, T, D) by position; pairs are (i, i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Causal multi-head softmax attention with grouped K/V heads (GQA) and rotary positions.
+
+    Causal within the window the engine hands it; under hard eviction positions restart at 0 in every
+    window, so it never sees evicted tokens. Parameters: q_proj (d, H*D), k_proj and v_proj (d, Hkv*D),
+    o_proj (H*D, d): ``d*D*(2H + 2Hkv)`` weights (+ biases with ``qkv_bias``).
+
+    Args:
+        d_model: model width.
+        num_heads: query heads H (default 4).
+        num_kv_heads: key/value heads Hkv, must divide H (default: H, i.e. plain MHA).
+        head_dim: D (default d_model // num_heads).
+        rope_theta: RoPE base (default 10000.0).
+        qkv_bias: biases on q/k/v projections, as in Qwen2 (default False).
+        backend: name of an ``attention`` plugin (default "sdpa").
+        layer_idx: position in the stack (for messages).
+    """
+
+    carried_state: tuple[str, ...] = ()  # attention keeps nothing across an eviction
+
+    def __init__(self, d_model: int, *, num_heads: int = 4, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, rope_theta: float = 10000.0, qkv_bias: bool = False,
+                 backend: str = "sdpa", layer_idx: int | None = None):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        head_dim = d_model // num_heads if head_dim is None else head_dim
+        where = f"attention (layer {layer_idx})"
+        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise SleepzooError(f"{where}: num_kv_heads={num_kv_heads} must be >= 1 and divide num_heads={num_heads}")
+        if head_dim < 2 or head_dim % 2:
+            raise SleepzooError(f"{where}: head_dim={head_dim} must be even and >= 2 (RoPE rotates pairs)")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope_theta = rope_theta
+        self.layer_idx = layer_idx
+        self.backend_name = backend
+        self.backend = registry.get("attention", backend)
+        self.q_proj = nn.Linear(d_model, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, d_model, bias=False)
+
+    def forward(self, x: Tensor, state: MixerState = None, *, pos_offset: int = 0) -> tuple[Tensor, MixerState]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        positions = torch.arange(pos_offset, pos_offset + T, device=x.device)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = self.backend(q, k, v, causal=True, scale=self.head_dim ** -0.5)  # (B, H, T, D)
+        o = o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(o), state

@@ -1,0 +1,136 @@
+"""Gated DeltaNet mixer: the fast-weight block whose state S survives an eviction.
+
+Paper: Yang, Kautz, Hatamizadeh, *Gated Delta Networks: Improving Mamba2 with Delta Rule* (ICLR 2025).
+Parameter names follow flash-linear-attention's ``GatedDeltaNet`` layer, so its checkpoints map over:
+q_proj k_proj v_proj a_proj b_proj A_log dt_bias q_conv1d k_conv1d v_conv1d g_proj o_norm o_proj.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import registry
+from ..registry import SleepzooError
+from . import MixerState
+
+
+class GatedRMSNorm(nn.Module):
+    """``RMSNorm(x) * weight * silu(gate)`` over the last dim (fla's FusedRMSNormGated, in plain torch)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        normed_x = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = normed_x.to(x.dtype) * self.weight
+        return out if gate is None else out * F.silu(gate)
+
+
+def causal_depthwise_conv(x: Tensor, weight: Tensor) -> Tensor:
+    """Causal depthwise conv over time with an empty (zero) history: x (B, T, C), weight (C, 1, W)."""
+    T, width = x.shape[1], weight.shape[-1]
+    y = F.conv1d(x.transpose(1, 2), weight, padding=width - 1, groups=x.shape[-1])  # (B, C, T + W - 1)
+    return y[..., :T].transpose(1, 2)
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet sequence mixer.
+
+    Per token: q, k, v = silu(conv(W x)); q, k L2-normalised per head; beta = sigmoid(b_proj x);
+    g = -exp(A_log) * softplus(a_proj x + dt_bias); the fast-weight rule updates S (B, H, K, V) and reads
+    o = S^T q / sqrt(K); output = o_proj(RMSNorm(o) * silu(g_proj x)) per head.
+
+    Parameters: with d = d_model, H heads, K = head_dim, V = expand_v * K:
+    ``d*H*(2K + 2V) + H*V*d`` (q, k, v, g, o projections) ``+ 2*d*H`` (a, b) ``+ 2H`` (A_log, dt_bias)
+    ``+ W*H*(2K + V)`` (short convs) ``+ V`` (o_norm).
+
+    Args:
+        d_model: model width.
+        num_heads: H (default 4).
+        head_dim: K, the key/query width per head (default 64).
+        expand_v: V / K (default 2.0, as in fla).
+        conv_size: short causal conv width W on q, k, v (default 4).
+        use_short_conv: apply the short convs (default True). Without them q, k, v = silu(W x).
+        use_gate: output gate g_proj (default True); without it o_norm is a plain RMSNorm.
+        rule: name of a ``rule`` plugin for the fast-weight update (default "gated_delta").
+        chunk_size: chunk length of the chunked rule (default 64).
+        norm_eps: eps of o_norm (default 1e-5).
+        layer_idx: position in the stack (for messages).
+    """
+
+    carried_state: tuple[str, ...] = ("fast_weights",)
+
+    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int = 64, expand_v: float = 2.0,
+                 conv_size: int = 4, use_short_conv: bool = True, use_gate: bool = True,
+                 rule: str = "gated_delta", chunk_size: int = 64, norm_eps: float = 1e-5,
+                 layer_idx: int | None = None):
+        super().__init__()
+        where = f"gated_deltanet (layer {layer_idx})"
+        head_v_dim = int(round(head_dim * expand_v))
+        if num_heads < 1 or head_dim < 1 or head_v_dim < 1:
+            raise SleepzooError(f"{where}: num_heads={num_heads}, head_dim={head_dim}, expand_v={expand_v} "
+                                "must give positive sizes")
+        if not math.isclose(head_v_dim, head_dim * expand_v):
+            raise SleepzooError(f"{where}: head_dim * expand_v = {head_dim * expand_v} must be a whole number")
+        if conv_size < 1 or chunk_size < 1:
+            raise SleepzooError(f"{where}: conv_size={conv_size} and chunk_size={chunk_size} must be >= 1")
+        self.num_heads, self.head_k_dim, self.head_v_dim = num_heads, head_dim, head_v_dim
+        self.key_dim, self.value_dim = num_heads * head_dim, num_heads * head_v_dim
+        self.use_short_conv, self.use_gate = use_short_conv, use_gate
+        self.chunk_size = chunk_size
+        self.layer_idx = layer_idx
+        self.rule_name = rule
+        self.rule = registry.get("rule", rule)
+
+        self.q_proj = nn.Linear(d_model, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, self.value_dim, bias=False)
+        self.a_proj = nn.Linear(d_model, num_heads, bias=False)
+        self.b_proj = nn.Linear(d_model, num_heads, bias=False)
+        # Decay rates as in Mamba2 / fla: A ~ U(0, 16), dt log-uniform in [1e-3, 0.1] stored as softplus^-1(dt).
+        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1e-4, 16)))
+        dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+        if use_short_conv:
+            self.q_conv1d = nn.Conv1d(self.key_dim, self.key_dim, conv_size, groups=self.key_dim, bias=False)
+            self.k_conv1d = nn.Conv1d(self.key_dim, self.key_dim, conv_size, groups=self.key_dim, bias=False)
+            self.v_conv1d = nn.Conv1d(self.value_dim, self.value_dim, conv_size, groups=self.value_dim, bias=False)
+        if use_gate:
+            self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
+        self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
+
+    def _features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_short_conv:
+            # Conv history starts empty in every pass (SPEC 1): nothing but S crosses a pass or a window.
+            q = causal_depthwise_conv(q, self.q_conv1d.weight)
+            k = causal_depthwise_conv(k, self.k_conv1d.weight)
+            v = causal_depthwise_conv(v, self.v_conv1d.weight)
+        return F.silu(q), F.silu(k), F.silu(v)
+
+    def forward(self, x: Tensor, state: MixerState = None, *, pos_offset: int = 0) -> tuple[Tensor, MixerState]:
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        q, k, v = self._features(x)
+        q = F.normalize(q.view(B, T, H, K), p=2, dim=-1, eps=1e-6)  # (B, T, H, K)
+        k = F.normalize(k.view(B, T, H, K), p=2, dim=-1, eps=1e-6)  # (B, T, H, K)
+        v = v.view(B, T, H, V)  # (B, T, H, V)
+        beta = self.b_proj(x).sigmoid()  # (B, T, H)
+        g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)  # (B, T, H), log decay <= 0
+        S0 = None if state is None else state.get("fast_weights")
+        rule = self.rule
+        o, S = rule.chunk(q, k, v, g if rule.uses_gate else None, beta if rule.uses_beta else None,
+                          scale=K ** -0.5, initial_state=S0, output_final_state=True, chunk_size=self.chunk_size)
+        gate = self.g_proj(x).view(B, T, H, V) if self.use_gate else None
+        o = self.o_norm(o, gate)  # (B, T, H, V)
+        return self.o_proj(o.reshape(B, T, H * V)), {"fast_weights": S}

@@ -1,0 +1,82 @@
+"""``model: hybrid``: the from-scratch attention / fast-weight hybrids of the paper's synthetic tasks.
+
+State-dict names follow the Hugging Face layout (``model.embed_tokens``, ``model.layers.{i}.self_attn``,
+``model.norm``, ``lm_head``), the same as the pretrained models sleepzoo loads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .. import registry
+from ..config import ModelConfig, RecipeError, SleepConfig, check_kwargs
+from .base import Block, SleepModel
+
+
+def default_d_ff(d_model: int) -> int:
+    """SwiGLU width 8/3 * d (same parameters as a 4d GELU MLP), rounded up to a multiple of 64."""
+    return 64 * math.ceil(8 * d_model / 3 / 64)
+
+
+def build_mixer(name: str, d_model: int, layer_idx: int, options: dict, where: str) -> nn.Module:
+    """Build mixer ``name`` (kind ``mixer``) with its recipe options checked against its signature."""
+    cls = registry.get("mixer", name)
+    kwargs = check_kwargs(cls, options, where, skip=("d_model", "layer_idx"))
+    return cls(d_model, layer_idx=layer_idx, **kwargs)
+
+
+class HybridLM(SleepModel):
+    """Embedding, pre-norm blocks with the recipe's mixers, final RMSNorm, linear head (tied optional)."""
+
+    def __init__(self, config: ModelConfig, *, vocab_size: int, sleep: SleepConfig | None = None):
+        super().__init__(sleep)
+        self.config = config
+        self.vocab_size = vocab_size
+        d = config.d_model
+        d_ff = default_d_ff(d) if config.d_ff is None else config.d_ff
+        n = len(config.layers)
+        unknown = set(config.mixers) - set(config.layers)
+        if unknown:
+            raise RecipeError(f"model.mixers: settings for {sorted(unknown)} but model.layers uses only "
+                              f"{sorted(set(config.layers))}; remove them or add the mixer to model.layers")
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(vocab_size, d)
+        self.model.layers = nn.ModuleList(
+            Block(d, build_mixer(name, d, i, config.mixers.get(name, {}), f"model.mixers.{name}"), d_ff,
+                  config.norm_eps)
+            for i, name in enumerate(config.layers))
+        self.model.norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.lm_head = nn.Linear(d, vocab_size, bias=False)
+        lo = 0 if config.loop_start is None else config.loop_start
+        hi = n if config.loop_end is None else config.loop_end
+        self.loop_range = (lo, hi)
+        self._init_weights(config.init_std, n)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def layers(self) -> nn.ModuleList:  # type: ignore[override]
+        return self.model.layers
+
+    def _init_weights(self, std: float, n_layers: int) -> None:
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                # Output projections into the residual stream are scaled down by depth (GPT-2).
+                scale = 1 / math.sqrt(2 * n_layers) if name.endswith(("o_proj", "down_proj")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def head(self, h: Tensor) -> Tensor:
+        return self.lm_head(self.model.norm(h))
+
+
+def build_hybrid(config: ModelConfig, *, vocab_size: int, sleep: SleepConfig | None = None) -> HybridLM:
+    """Model builder registered as ``hybrid``."""
+    return HybridLM(config, vocab_size=vocab_size, sleep=sleep)

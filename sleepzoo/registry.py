@@ -1,0 +1,208 @@
+"""One registry per kind of plugin, fed by entry points and by in-process registration.
+
+Kinds are ``attention``, ``rule``, ``mixer``, ``eviction``, ``task`` and ``model``. Each kind is the
+entry-point group ``sleepzoo.<kind>``; sleepzoo declares its own built-ins there exactly as a third-party
+package would. Listing names reads package metadata only; a plugin's module is imported the first time its
+name is asked for, and whatever goes wrong then is reported against that name alone:
+
+* :class:`UnknownPluginError`   the name is not registered (with close matches and the known names);
+* :class:`MissingDependencyError` the plugin needs an optional package that is not installed;
+* :class:`PluginImportError`   the plugin's module raised while importing (names the distribution).
+
+Example::
+
+    from sleepzoo import registry
+
+    @registry.register("rule", "my_rule")
+    def my_rule(q, k, v, g, beta, **kw): ...
+
+    registry.names("rule")          # ['delta', 'gated_delta', 'my_rule']
+    registry.get("rule", "my_rule")
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import fnmatch
+import importlib.metadata as md
+from dataclasses import dataclass
+from typing import Any, Callable
+
+KINDS = ("attention", "rule", "mixer", "eviction", "task", "model")
+
+
+class SleepzooError(Exception):
+    """Base class of every error sleepzoo raises on bad user input."""
+
+
+class PluginError(SleepzooError):
+    """Base class of the registry's errors."""
+
+
+class UnknownPluginError(PluginError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class MissingDependencyError(PluginError, ImportError):
+    pass
+
+
+class PluginImportError(PluginError, ImportError):
+    pass
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    kind: str
+    name: str
+    provider: str  # distribution name, or "<runtime>" for in-process registration
+    target: str  # "module:attr" or the object's qualified name
+    status: str = "available"  # available | loaded | missing-dependency | import-error
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "provider": self.provider, "target": self.target,
+                "status": self.status}
+
+
+_runtime: dict[str, dict[str, Any]] = {k: {} for k in KINDS}
+_loaded: dict[tuple[str, str], Any] = {}
+_failed: dict[tuple[str, str], PluginError] = {}
+_entry_points_cache: dict[str, dict[str, md.EntryPoint]] | None = None
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise UnknownPluginError(f"unknown plugin kind {kind!r}; kinds are: {', '.join(KINDS)}")
+
+
+def _entry_points() -> dict[str, dict[str, md.EntryPoint]]:
+    global _entry_points_cache
+    if _entry_points_cache is None:
+        found: dict[str, dict[str, md.EntryPoint]] = {k: {} for k in KINDS}
+        for kind in KINDS:
+            for ep in md.entry_points(group=f"sleepzoo.{kind}"):
+                found[kind].setdefault(ep.name, ep)  # first installed distribution wins
+        _entry_points_cache = found
+    return _entry_points_cache
+
+
+def refresh() -> None:
+    """Forget what was discovered (call after installing a plugin into the running interpreter)."""
+    global _entry_points_cache
+    _entry_points_cache = None
+    _failed.clear()
+    for key in [k for k in _loaded if k[1] not in _runtime[k[0]]]:
+        del _loaded[key]
+    importlib.invalidate_caches()  # a package pip-installed after start-up must be visible
+
+
+def _provider(ep: md.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.metadata["Name"] if dist is not None else "<unknown distribution>"
+
+
+def names(kind: str, pattern: str | None = None) -> list[str]:
+    """Sorted names registered for ``kind``, optionally filtered by a glob ``pattern``. Imports nothing."""
+    _check_kind(kind)
+    all_names = set(_entry_points()[kind]) | set(_runtime[kind])
+    if pattern:
+        all_names = {n for n in all_names if fnmatch.fnmatch(n, pattern)}
+    return sorted(all_names)
+
+
+def register(kind: str, name: str | None = None) -> Callable[[Any], Any]:
+    """Decorator registering an object under ``kind`` in this process; the name defaults to ``obj.__name__``."""
+    _check_kind(kind)
+
+    def deco(obj: Any) -> Any:
+        key = name or obj.__name__
+        _runtime[kind][key] = obj
+        _loaded[(kind, key)] = obj
+        _failed.pop((kind, key), None)
+        return obj
+
+    return deco
+
+
+def unregister(kind: str, name: str) -> None:
+    _check_kind(kind)
+    _runtime[kind].pop(name, None)
+    _loaded.pop((kind, name), None)
+
+
+def _unknown(kind: str, name: str) -> UnknownPluginError:
+    known = names(kind)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    listing = ", ".join(known) if known else "(none installed)"
+    return UnknownPluginError(
+        f"unknown {kind} {name!r}.{hint} Known {kind} names: {listing}. "
+        f"A plugin registers more through the entry-point group 'sleepzoo.{kind}'."
+    )
+
+
+def get(kind: str, name: str) -> Any:
+    """The object registered as ``name`` under ``kind``; imports its plugin on first use."""
+    _check_kind(kind)
+    if not isinstance(name, str):
+        raise UnknownPluginError(f"{kind} name must be a string, got {type(name).__name__} {name!r}")
+    key = (kind, name)
+    if key in _loaded:
+        return _loaded[key]
+    if key in _failed:
+        raise _failed[key]
+    ep = _entry_points()[kind].get(name)
+    if ep is None:
+        raise _unknown(kind, name)
+    provider = _provider(ep)
+    try:
+        obj = ep.load()
+    except ModuleNotFoundError as exc:
+        missing = exc.name or str(exc)
+        err: PluginError = MissingDependencyError(
+            f"{kind} {name!r} (from distribution {provider!r}, {ep.value}) needs the package {missing!r}, "
+            f"which is not installed. Install it (for sleepzoo's accelerated back ends: "
+            f"pip install 'sleepzoo[gpu]'), or choose another {kind}: {', '.join(names(kind))}."
+        )
+        err.__cause__ = exc
+        _failed[key] = err
+        raise err from exc
+    except Exception as exc:  # a plugin raising anything on import is reported, not propagated raw
+        err = PluginImportError(
+            f"{kind} {name!r} from distribution {provider!r} ({ep.value}) failed to import: "
+            f"{type(exc).__name__}: {exc}. Other plugins are unaffected; reinstall or fix that package."
+        )
+        _failed[key] = err
+        raise err from exc
+    _loaded[key] = obj
+    return obj
+
+
+def info(kind: str | None = None, *, load: bool = False) -> list[PluginInfo]:
+    """Describe registered plugins. With ``load=True`` each is imported so its status is known."""
+    kinds = KINDS if kind is None else (kind,)
+    out: list[PluginInfo] = []
+    for k in kinds:
+        _check_kind(k)
+        eps = _entry_points()[k]
+        for n in names(k):
+            if n in _runtime[k]:
+                obj = _runtime[k][n]
+                out.append(PluginInfo(k, n, "<runtime>", getattr(obj, "__qualname__", repr(obj)), "loaded"))
+                continue
+            ep = eps[n]
+            status = "available"
+            if load:
+                try:
+                    get(k, n)
+                    status = "loaded"
+                except MissingDependencyError:
+                    status = "missing-dependency"
+                except PluginImportError:
+                    status = "import-error"
+            elif (k, n) in _loaded:
+                status = "loaded"
+            out.append(PluginInfo(k, n, _provider(ep), ep.value, status))
+    return out
