@@ -23,6 +23,11 @@ def build_model(recipe: Recipe, *, vocab_size: int | None = None) -> Any:
         raise RecipeError(f"{recipe.source}: model.vocab_size={recipe.model.vocab_size} but {vocab_size} was asked for")
     registry.get("eviction", recipe.sleep.eviction)  # fail now, not after the first window
     builder = registry.get("model", recipe.model.name)
-    model = builder(recipe.model, vocab_size=vocab_size, sleep=recipe.sleep)
+    try:
+        model = builder(recipe.model, vocab_size=vocab_size, sleep=recipe.sleep)
+    except RecipeError as exc:  # builders check their options without knowing the file: name it here
+        if str(exc).startswith(recipe.source):
+            raise
+        raise RecipeError(f"{recipe.source}: {exc}") from None
     model.recipe = recipe
     return model

@@ -108,7 +108,7 @@ class Recipe:
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    source: str = "<dict>"  # where it came from, for error messages
+    source: str = field(default="<dict>", compare=False)  # where it came from, for error messages
 
     def to_dict(self) -> dict:
         out = {}
@@ -289,22 +289,22 @@ def apply_overrides(data: dict, overrides: Sequence[str], source: str) -> dict:
     data = copy.deepcopy(data) if data else {}
     for item in overrides:
         if "=" not in item:
-            raise RecipeError(f"override {item!r}: expected key.path=value, e.g. sleep.loops=2")
+            raise RecipeError(f"{source}: override {item!r}: expected key.path=value, e.g. sleep.loops=2")
         path, raw = item.split("=", 1)
         keys = [k for k in path.strip().split(".") if k]
         if not keys:
-            raise RecipeError(f"override {item!r}: empty key path")
+            raise RecipeError(f"{source}: override {item!r}: empty key path")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
-            raise RecipeError(f"override {item!r}: value is not valid YAML ({exc.problem})") from None
+            raise RecipeError(f"{source}: override {item!r}: value is not valid YAML ({exc.problem})") from None
         node = data
         for i, k in enumerate(keys[:-1]):
             nxt = node.get(k)
             if nxt is None:
                 nxt = node[k] = {}
             if not isinstance(nxt, dict):
-                raise RecipeError(f"override {item!r}: {'.'.join(keys[:i + 1])} is {nxt!r}, not a section")
+                raise RecipeError(f"{source}: override {item!r}: {'.'.join(keys[:i + 1])} is {nxt!r}, not a section")
             node = nxt
         node[keys[-1]] = value
     return data

@@ -26,6 +26,7 @@ import difflib
 import importlib
 import fnmatch
 import importlib.metadata as md
+import site
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -103,6 +104,25 @@ def _provider(ep: md.EntryPoint) -> str:
     return dist.metadata["Name"] if dist is not None else "<unknown distribution>"
 
 
+def _load_entry_point(ep: md.EntryPoint) -> Any:
+    """``ep.load()``; a distribution installed (editable) after start-up is made importable first.
+
+    Editable installs put their source folder on ``sys.path`` through a ``.pth`` file, which Python only
+    reads at start-up; reading that distribution's ``.pth`` files here lets ``pip install -e`` plus
+    :func:`refresh` work without restarting the interpreter.
+    """
+    try:
+        return ep.load()
+    except ModuleNotFoundError as exc:
+        dist = getattr(ep, "dist", None)
+        if dist is None or (exc.name or "").split(".")[0] != ep.module.split(".")[0]:
+            raise
+        for f in dist.files or ():
+            if f.suffix == ".pth":
+                site.addpackage(str(f.locate().parent), f.name, set())
+        return ep.load()
+
+
 def names(kind: str, pattern: str | None = None) -> list[str]:
     """Sorted names registered for ``kind``, optionally filtered by a glob ``pattern``. Imports nothing."""
     _check_kind(kind)
@@ -158,15 +178,22 @@ def get(kind: str, name: str) -> Any:
         raise _unknown(kind, name)
     provider = _provider(ep)
     try:
-        obj = ep.load()
+        obj = _load_entry_point(ep)
     except ModuleNotFoundError as exc:
         missing = exc.name or str(exc)
-        err: PluginError = MissingDependencyError(
-            f"{kind} {name!r} (from distribution {provider!r}, {ep.value}) needs the package {missing!r}, "
-            f"which is not installed. Install it (for sleepzoo's accelerated back ends: "
-            f"pip install 'sleepzoo[gpu]'), or choose another {kind}: {', '.join(names(kind))}."
-        )
-        err.__cause__ = exc
+        own_module = ep.module.split(".")[0]
+        if missing.split(".")[0] == own_module:
+            # The plugin's own module is absent although its distribution is installed: a stale install.
+            err: PluginError = PluginImportError(
+                f"{kind} {name!r} from distribution {provider!r} points at module {ep.module!r}, which can not "
+                f"be imported ({exc}). Reinstall {provider!r}, or restart Python if it was installed just now."
+            )
+        else:
+            err = MissingDependencyError(
+                f"{kind} {name!r} (from distribution {provider!r}, {ep.value}) needs the package {missing!r}, "
+                f"which is not installed. Install it (for sleepzoo's accelerated back ends: "
+                f"pip install 'sleepzoo[gpu]'), or choose another {kind}: {', '.join(names(kind))}."
+            )
         _failed[key] = err
         raise err from exc
     except Exception as exc:  # a plugin raising anything on import is reported, not propagated raw

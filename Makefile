@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine with Python >= 3.10:
+#   make demo   creates .venv, installs torch 2.13.0 (CPU) first, then sleepzoo, then runs the demo
+#   make test   same environment, runs the test suite (fast tests; `make test-slow` runs the slow ones)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch first and pinned: sleepzoo's own range (torch>=2.4) would otherwise pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.sleepzoo-installed
+
+.PHONY: demo test test-slow bench env clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+env: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/sleepzoo demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest bench --benchmark-enable --benchmark-only -o addopts=""
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .benchmarks
