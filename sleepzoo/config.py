@@ -257,6 +257,12 @@ def _check_values(r: Recipe, where: str) -> None:
     need(0.0 <= r.train.decay_fraction <= 1.0, "train.decay_fraction", r.train.decay_fraction, "must be in [0, 1]")
     need(len(r.train.betas) == 2, "train.betas", r.train.betas, "give two numbers, e.g. [0.9, 0.95]")
     need(r.train.warmup_steps >= 0, "train.warmup_steps", r.train.warmup_steps, "must be >= 0")
+    need(r.train.log_every >= 1, "train.log_every", r.train.log_every, "must be >= 1")
+    need(r.train.checkpoint_every >= 0, "train.checkpoint_every", r.train.checkpoint_every,
+         "must be >= 0 (0 = only at the end)")
+    need(r.train.keep_checkpoints >= 0, "train.keep_checkpoints", r.train.keep_checkpoints, "must be >= 0 (0 = keep all)")
+    need(r.train.grad_clip >= 0, "train.grad_clip", r.train.grad_clip, "must be >= 0 (0 = no clipping)")
+    need(r.eval.batch_size >= 1, "eval.batch_size", r.eval.batch_size, "must be >= 1")
     need(r.eval.every >= 0, "eval.every", r.eval.every, "must be >= 0 (0 = only at the end)")
     need(r.eval.num_examples >= 1, "eval.num_examples", r.eval.num_examples, "must be >= 1")
     n = len(r.model.layers)

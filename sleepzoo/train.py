@@ -301,22 +301,6 @@ def _short(metrics: dict) -> str:
     return "  ".join(f"{k} {format_value(metrics[k])}" for k in HEADLINE if k in metrics)
 
 
-def check_settings(recipe: Recipe) -> None:
-    """Trainer settings the recipe parser does not range-check, with what would be valid."""
-    checks = [
-        ("train.log_every", recipe.train.log_every, recipe.train.log_every >= 1, "must be >= 1"),
-        ("train.checkpoint_every", recipe.train.checkpoint_every, recipe.train.checkpoint_every >= 0,
-         "must be >= 0 (0 = only at the end)"),
-        ("train.keep_checkpoints", recipe.train.keep_checkpoints, recipe.train.keep_checkpoints >= 0,
-         "must be >= 0 (0 = keep all)"),
-        ("train.grad_clip", recipe.train.grad_clip, recipe.train.grad_clip >= 0, "must be >= 0 (0 = no clipping)"),
-        ("eval.batch_size", recipe.eval.batch_size, recipe.eval.batch_size >= 1, "must be >= 1"),
-    ]
-    for name, value, ok, allowed in checks:
-        if not ok:
-            raise SleepzooError(f"{recipe.source}: {name}: {value!r} is not allowed; {allowed}")
-
-
 def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool) -> None:
     saved = out / "recipe.yaml"
     if resume:
@@ -356,7 +340,6 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress
     """
     out = Path(out_dir)
     cfg = recipe.train
-    check_settings(recipe)
     _prepare_run_dir(out, recipe, resume)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

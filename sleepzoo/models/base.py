@@ -61,6 +61,7 @@ class SleepModel(nn.Module):
     vocab_size: int
     loop_range: tuple[int, int]
     layers: nn.ModuleList
+    lm_head: nn.Module
 
     def __init__(self, sleep: SleepConfig | None = None):
         super().__init__()
@@ -72,6 +73,10 @@ class SleepModel(nn.Module):
 
     def head(self, h: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The vocabulary projection (Hugging Face's name), so optimizers can tell it from hidden weights."""
+        return self.lm_head
 
     def mixers(self) -> list[nn.Module]:
         return [block.self_attn for block in self.layers]
