@@ -1,0 +1,77 @@
+"""Fast-weight update rules as plugin objects (entry-point group ``sleepzoo.rule``).
+
+A :class:`FastWeightRule` bundles the three forms of one rule, so a mixer can train with ``chunk``, decode with
+``step`` and fall back to ``recurrent`` for short inputs, without knowing which rule it runs. Built-ins:
+
+* :data:`gated_delta`: the gated delta rule (Yang et al., *Gated Delta Networks*, 2024); reads ``g`` and ``beta``.
+* :data:`delta`: the plain delta rule, the same code with ``g=None``; reads ``beta`` only.
+
+Shapes: ``q, k`` ``[B, T, H, K]``, ``v`` ``[B, T, H, V]``, ``g, beta`` ``[B, T, H]``, state ``[B, H, K, V]``;
+single-token forms drop the ``T`` axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .gated_delta import gated_delta_rule, gated_delta_rule_recurrent, gated_delta_rule_step
+
+__all__ = ["FastWeightRule", "gated_delta", "delta"]
+
+
+@dataclass(frozen=True)
+class FastWeightRule:
+    """One fast-weight update rule in its three forms.
+
+    Attributes:
+        name: registry name.
+        chunk: ``(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64)
+            -> (o, S)``, the chunked form for training and prefill.
+        recurrent: same signature minus ``chunk_size``; a step-by-step loop.
+        step: ``(q_t, k_t, v_t, g_t, beta_t, state, *, scale=None) -> (o_t, new_state)``, one token.
+        uses_gate: whether ``g`` is read; callers pass ``g=None`` otherwise.
+        uses_beta: whether ``beta`` is read.
+        doc: one-line description.
+    """
+
+    name: str
+    chunk: Callable
+    recurrent: Callable
+    step: Callable
+    uses_gate: bool
+    uses_beta: bool
+    doc: str = ""
+
+
+def _without_gate(fn: Callable) -> Callable:
+    """Wrap ``fn`` so that ``g`` is ignored and replaced by ``None`` (no decay), keeping the signature."""
+
+    def wrapped(q, k, v, g, beta, *args, **kwargs):
+        return fn(q, k, v, None, beta, *args, **kwargs)
+
+    wrapped.__name__ = f"{fn.__name__}_ungated"
+    wrapped.__qualname__ = wrapped.__name__
+    wrapped.__doc__ = f"{fn.__name__} with ``g`` forced to ``None`` (plain delta rule).\n\n{fn.__doc__ or ''}"
+    return wrapped
+
+
+gated_delta = FastWeightRule(
+    name="gated_delta",
+    chunk=gated_delta_rule,
+    recurrent=gated_delta_rule_recurrent,
+    step=gated_delta_rule_step,
+    uses_gate=True,
+    uses_beta=True,
+    doc="Gated delta rule (Yang et al., Gated Delta Networks, 2024): S <- exp(g) S + k beta (v - exp(g) S^T k)^T.",
+)
+
+delta = FastWeightRule(
+    name="delta",
+    chunk=_without_gate(gated_delta_rule),
+    recurrent=_without_gate(gated_delta_rule_recurrent),
+    step=_without_gate(gated_delta_rule_step),
+    uses_gate=False,
+    uses_beta=True,
+    doc="Delta rule (no decay): S <- S + k beta (v - S^T k)^T; the gated delta rule with g=None.",
+)
