@@ -12,7 +12,36 @@ def build_task(recipe: Recipe) -> Any:
     """The task named in ``recipe.task`` with its options checked against the task's constructor."""
     cls = registry.get("task", recipe.task.name)
     where = f"{recipe.source}: task"
-    return cls(**check_kwargs(cls, recipe.task.options, where))
+    task = cls(**check_kwargs(cls, recipe.task.options, where))
+    check_fit(recipe, task)
+    return task
+
+
+def check_fit(recipe: Recipe, task: Any) -> None:
+    """The task's sequences must fit the recipe's window and vocabulary."""
+    src, window, vocab = recipe.source, recipe.sleep.window, recipe.model.vocab_size
+    if window > task.seq_len:
+        raise RecipeError(f"{src}: sleep.window: {window} is larger than the task's sequences ({task.seq_len} "
+                          f"tokens), so nothing would ever be evicted; use a window <= {task.seq_len} "
+                          f"(= {task.seq_len} is the full-attention baseline)")
+    if vocab is not None and vocab < task.vocab_size:
+        raise RecipeError(f"{src}: model.vocab_size: {vocab} is smaller than the task's vocabulary "
+                          f"({task.vocab_size} tokens); remove model.vocab_size to take the task's")
+
+
+def check_mixers(recipe: Recipe) -> None:
+    """Every mixer named in ``model.layers`` exists, and every ``model.mixers.<name>`` mapping names a
+    registered mixer and only arguments of its constructor (``d_model`` and ``layer_idx`` come from the
+    model). Settings of a registered mixer that the layers do not use are allowed, so switching
+    ``model.layers`` by an override needs no other edit."""
+    where = recipe.source
+    for name in dict.fromkeys(recipe.model.layers):
+        registry.get("mixer", name)
+    for name, options in recipe.model.mixers.items():
+        if not isinstance(options, dict):
+            raise RecipeError(f"{where}: model.mixers.{name}: expected a mapping of settings, got {options!r}")
+        check_kwargs(registry.get("mixer", name), options, f"{where}: model.mixers.{name}",
+                     skip=("d_model", "layer_idx"))
 
 
 def build_model(recipe: Recipe, *, vocab_size: int | None = None) -> Any:

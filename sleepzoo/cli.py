@@ -116,20 +116,7 @@ def check_recipe(recipe: Recipe) -> dict[str, Any]:
     the meta device, so no memory is spent; ``None`` when that model cannot be built there).
     """
     where = recipe.source
-    registry.get("model", recipe.model.name)
-    for name in dict.fromkeys(recipe.model.layers):
-        registry.get("mixer", name)
-    for name, options in recipe.model.mixers.items():
-        if name not in recipe.model.layers:
-            raise RecipeError(f"{where}: model.mixers.{name}: settings for a mixer that model.layers does not "
-                              f"use ({', '.join(dict.fromkeys(recipe.model.layers))}); remove them or add "
-                              f"{name} to model.layers")
-        if not isinstance(options, dict):
-            raise RecipeError(f"{where}: model.mixers.{name}: expected a mapping of settings, got {options!r}")
-        # d_model and layer_idx come from the model, not from the recipe.
-        check_kwargs(registry.get("mixer", name), options, f"{where}: model.mixers.{name}",
-                     skip=("d_model", "layer_idx"))
-    registry.get("eviction", recipe.sleep.eviction)
+    sleepzoo.build.check_mixers(recipe)
     # build_task checks the options against the task's signature (check_kwargs), then its constructor
     # checks their values; tasks are cheap to build.
     try:

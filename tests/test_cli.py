@@ -35,6 +35,7 @@ def recipe_file(tmp_path) -> Path:
     path.write_text(yaml.safe_dump({
         "model": {"name": "toy_lm", "d_model": 16, "tie_embeddings": False, "layers": ["toy_mixer"],
                   "mixers": {"toy_mixer": {"num_heads": 2}}},
+        "sleep": {"window": 6},
         "task": {"name": "toy_copy", "lag": 4},
         "train": {"steps": 3, "batch_size": 8, "optimizer": "muon", "log_every": 1, "checkpoint_every": 2},
         "eval": {"every": 0, "num_examples": 16, "batch_size": 16},
@@ -100,11 +101,13 @@ def test_validate_ok(plugins, recipe_file):
     ("model.layers=[toy_mixer,nope_mixer]", ["unknown mixer 'nope_mixer'"]),
     ("model.mixers.toy_mixer.heads=2", ["model.mixers.toy_mixer.heads: unknown key", "num_heads"]),
     ("model.mixers.toy_mixer.num_heads=two", ["model.mixers.toy_mixer.num_heads: expected an integer"]),
-    ("model.mixers.other={}", ["model.mixers.other", "does not use"]),
+    ("model.mixers.other={}", ["unknown mixer 'other'"]),
     ("task.lagg=3", ["task.lagg: unknown key", "did you mean 'lag'"]),
     ("task.lag=x", ["task.lag: expected an integer"]),
     ("no_equals_sign", ["expected key.path=value"]),
     ("train.log_every=0", ["train.log_every: 0 is not allowed"]),
+    ("sleep.window=13", ["sleep.window: 13 is larger than the task's sequences (12 tokens)"]),
+    ("model.vocab_size=4", ["model.vocab_size: 4 is smaller than the task's vocabulary (8 tokens)"]),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_validate_errors(plugins, recipe_file, override, needles):
     assert_one_line_error(invoke("recipe", "validate", recipe_file, override), *needles)
@@ -153,7 +156,7 @@ def test_eval_command(plugins, recipe_file, tmp_path):
     result = invoke("eval", run, "--loops", "3", "--num-examples", "4")
     assert result.exit_code == 0, result.output
     assert set(ToyLM.loops_seen) == {3}  # the option reaches the model
-    out = json.loads((run / "eval-loops3-window24.json").read_text())
+    out = json.loads((run / "eval-loops3-window6.json").read_text())
     assert out["loops"] == 3 and out["num_examples"] == 4 and out["step"] == 3
     assert json.loads((run / "eval.json").read_text()) == trained  # the training result is kept
 

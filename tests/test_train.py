@@ -106,6 +106,7 @@ def toy_plugins():
 def toy_recipe(*overrides: str, **sections):
     data = {
         "model": {"name": "toy_lm", "d_model": 16, "tie_embeddings": False},
+        "sleep": {"window": 6},
         "task": {"name": "toy_copy"},
         "train": {"steps": 6, "batch_size": 8, "seed": 3, "optimizer": "muon", "muon_lr": 0.02,
                   "adamw_lr": 0.01, "warmup_steps": 1, "decay_fraction": 0.5, "log_every": 1,
@@ -226,7 +227,7 @@ def test_run_directory_layout(toy_plugins, tmp_path):
     assert (run / "final" / "model.safetensors").is_file()
     saved = json.loads((run / "eval.json").read_text())
     assert saved == result
-    assert saved["step"] == 6 and saved["loops"] == 1 and saved["window"] == 24
+    assert saved["step"] == 6 and saved["loops"] == 1 and saved["window"] == 6
     assert saved["exact_accuracy"] == evals[-1]["exact_accuracy"]
 
 
