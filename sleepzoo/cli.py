@@ -206,7 +206,7 @@ def _parse_loops(ctx: click.Context, param: click.Parameter, value: str) -> list
 @main.command("demo")
 @click.option("--recipe", "recipe_path", default="recipes/rule110-tiny.yaml", show_default=True,
               type=click.Path(dir_okay=False), help="Recipe to train once per loop count.")
-@click.option("--loops", default="1,2", show_default=True, callback=_parse_loops,
+@click.option("--loops", default="1,2,4", show_default=True, callback=_parse_loops,
               help="Comma-separated sleep loop counts N.")
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="One run directory per loop count goes under it, with demo.json and demo.png.")

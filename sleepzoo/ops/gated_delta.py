@@ -114,14 +114,20 @@ def gated_delta_rule_step(
         state = v_t.new_zeros(B, H, K, V)
     else:
         state = state.to(dt)
-    if g_t is not None:
-        state = state * g_t.to(dt).exp()[..., None, None]
+    state = _write(state, k_t, v_t, None if g_t is None else g_t.to(dt).exp(), beta_t)
+    o_t = ((scale * q_t).unsqueeze(-2) @ state).squeeze(-2)  # (B, H, V)
+    return o_t.to(out_dtype), state
+
+
+def _write(state: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, decay_t: torch.Tensor | None,
+           beta_t: torch.Tensor) -> torch.Tensor:
+    """Decay, then the delta-rule write of one token: shared by the step and the recurrent loop."""
+    if decay_t is not None:
+        state = state * decay_t[..., None, None]
     # (B, H, V): what the current memory predicts for k_t, and the beta-scaled correction towards v_t
     pred = (k_t.unsqueeze(-2) @ state).squeeze(-2)
     u = beta_t.unsqueeze(-1) * (v_t - pred)
-    state = state + k_t.unsqueeze(-1) * u.unsqueeze(-2)  # (B, H, K, V) rank-one write
-    o_t = ((scale * q_t).unsqueeze(-2) @ state).squeeze(-2)  # (B, H, V)
-    return o_t.to(out_dtype), state
+    return state + k_t.unsqueeze(-1) * u.unsqueeze(-2)  # (B, H, K, V) rank-one write
 
 
 def gated_delta_rule_recurrent(
@@ -168,12 +174,7 @@ def gated_delta_rule_recurrent(
     decay = None if g is None else g.to(dt).exp()  # (B, T, H)
     outs = []
     for t in range(T):
-        if decay is not None:
-            state = state * decay[:, t, :, None, None]
-        k_t = k[:, t]  # (B, H, K)
-        pred = (k_t.unsqueeze(-2) @ state).squeeze(-2)  # (B, H, V)
-        u = beta[:, t, :, None] * (v[:, t] - pred)  # (B, H, V)
-        state = state + k_t.unsqueeze(-1) * u.unsqueeze(-2)  # (B, H, K, V)
+        state = _write(state, k[:, t], v[:, t], None if decay is None else decay[:, t], beta[:, t])
         outs.append((q[:, t].unsqueeze(-2) @ state).squeeze(-2))  # (B, H, V)
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V)  # (B, T, H, V)
     o = o * scale  # scaling the output equals scaling q, and is one op instead of T
