@@ -381,3 +381,37 @@ def test_evaluate_uses_the_test_split():
 
     task.evaluate(Spy(task), num_examples=500, batch_size=500, seed=9)
     assert torch.equal(seen[0], task.generate(500, seed=9, split="test")["input_ids"])
+
+
+def test_evaluate_reports_metrics_per_bucket():
+    """A task naming a per-example bucket gets every metric per bucket value, computed over those examples."""
+    import torch
+
+    class Bucketed(Rule110):
+        buckets = ("first_bit",)
+
+        def _build(self, content, split):
+            data = super()._build(content, split)
+            data["first_bit"] = data["input_ids"][:, 0].clone()
+            return data
+
+    task = Bucketed(steps=0, states=2, bits=8)
+
+    class RightOnlyWhenFirstBitIsOne(torch.nn.Module):
+        def forward(self, input_ids, targets, window=None, loops=None):
+            logits = torch.zeros(*input_ids.shape, task.vocab_size)
+            good = targets.clamp(min=0)
+            wrong = torch.where(good == task.vocab.index("0"), task.vocab.index("1"), task.vocab.index("0"))
+            use = torch.where(input_ids[:, :1] == task.vocab.index("1"), good, wrong)
+            logits.scatter_(-1, use[..., None], 5.0)
+            return type("Out", (), {"logits": logits})()
+
+    result = task.evaluate(RightOnlyWhenFirstBitIsOne(), num_examples=200, batch_size=64)
+    by_bit = result["buckets"]["first_bit"]
+    one, zero = str(task.vocab.index("1")), str(task.vocab.index("0"))
+    assert by_bit[one]["exact_accuracy"] == 1.0 and by_bit[zero]["exact_accuracy"] == 0.0
+    assert by_bit[one]["num_examples"] + by_bit[zero]["num_examples"] == 200
+    share = by_bit[one]["num_examples"] / 200
+    assert abs(result["exact_accuracy"] - share) < 1e-12
+    weighted = (by_bit[one]["loss"] * by_bit[one]["num_targets"] + by_bit[zero]["loss"] * by_bit[zero]["num_targets"])
+    assert abs(weighted / result["num_targets"] - result["loss"]) < 1e-9

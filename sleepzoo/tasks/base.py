@@ -88,6 +88,18 @@ def _check_int(owner: str, name: str, value: Any, minimum: int | None = None, ma
     return int(value)
 
 
+def _scores(example_loss: torch.Tensor, correct: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """Loss and accuracies of a set of examples from per-example summed CE and per-token correctness."""
+    num_targets = int(mask.sum())
+    return {
+        "loss": float(example_loss.sum()) / max(num_targets, 1),
+        "token_accuracy": float(correct.sum()) / max(num_targets, 1),
+        "exact_accuracy": float((correct | ~mask).all(dim=1).double().mean()) if len(mask) else 0.0,
+        "num_examples": int(mask.shape[0]),
+        "num_targets": num_targets,
+    }
+
+
 def _take(content: Content, index: np.ndarray) -> Content:
     if isinstance(content, Mapping):
         return {k: v[index] for k, v in content.items()}
@@ -116,8 +128,10 @@ class Task:
     * ``_draw(rng, m)``: ``m`` random candidate example contents (an array or a mapping of arrays, the
       example index first), using only ``rng``;
     * ``_build(content, split)``: a dict with ``input_ids`` and ``targets`` (LongTensor ``[n, T]``) and any
-      extra per-example tensors that :meth:`_extra_metrics` may want.
+      extra per-example tensors that :meth:`_extra_metrics` may want;
 
+    may name in ``buckets`` per-example LongTensor ``[n]`` keys of the built data (e.g. Depo's hop count
+    ``k``), for which :meth:`evaluate` reports every metric per value under ``result["buckets"]``;
     and store each constructor argument as an attribute of the same name (read by :meth:`describe`).
     """
 
@@ -131,6 +145,8 @@ class Task:
     #: Give up when this many candidates in a row were all of the other split (the example space is too
     #: small to hold both splits, e.g. a tiny config whose few examples all hash to one side).
     max_fruitless_draws: ClassVar[int] = 1 << 20
+    #: Per-example keys of the built data that evaluation breaks metrics down by (the paper's x axes).
+    buckets: ClassVar[tuple[str, ...]] = ()
 
     # ----------------------------------------------------------------------------------------- protocol
     @property
@@ -306,7 +322,7 @@ class Task:
         data = self.generate(n, seed, "test")
         ids_all, tg_all = data["input_ids"], data["targets"]
         predictions = torch.empty_like(ids_all)
-        loss_sum = 0.0
+        example_loss = torch.zeros(n, dtype=torch.float64)  # summed CE over each example's targets
         was_training = model.training
         model.eval()
         try:
@@ -320,20 +336,19 @@ class Task:
                         raise SleepzooError(f"{owner}: model returned logits of shape {tuple(logits.shape)} "
                                             f"for inputs of shape {tuple(ids.shape)}")
                     # float32 for the loss: bf16 log-softmax over a large vocab is too coarse to compare runs.
-                    loss_sum += F.cross_entropy(logits.float().flatten(0, 1), tg.flatten(),
-                                                ignore_index=IGNORE_INDEX, reduction="sum").item()
+                    ce = F.cross_entropy(logits.float().flatten(0, 1), tg.flatten(), ignore_index=IGNORE_INDEX,
+                                         reduction="none").view(tg.shape)  # (B, T), 0 where no target
+                    example_loss[start:start + bs] = ce.double().sum(dim=1).cpu()
                     predictions[start:start + bs] = logits.argmax(dim=-1).cpu()
         finally:
             model.train(was_training)
         mask = tg_all != IGNORE_INDEX
         correct = (predictions == tg_all) & mask
-        num_targets = int(mask.sum())
-        result: dict[str, Any] = {
-            "loss": loss_sum / max(num_targets, 1),
-            "token_accuracy": float(correct.sum()) / max(num_targets, 1),
-            "exact_accuracy": float((correct | ~mask).all(dim=1).double().mean()),
-            "num_examples": n,
-            "num_targets": num_targets,
-        }
+        result = _scores(example_loss, correct, mask)
+        for name in self.buckets:  # e.g. Depo's hop count k, GSM-Infinite's op: the paper's x axes
+            values = data[name]
+            result.setdefault("buckets", {})[name] = {
+                str(int(v)): _scores(example_loss[values == v], correct[values == v], mask[values == v])
+                for v in torch.unique(values).tolist()}
         result.update(self._extra_metrics(predictions, data))
         return result
