@@ -57,7 +57,8 @@ class SleepConfig:
 
     window: int = 24  # L: tokens per window; the attention cache never holds more
     loops: int = 1  # N: passes over a window before it is evicted (1 = the plain hybrid)
-    eviction: str = "full_flush"  # what survives a sleep (kind `eviction`)
+    eviction: str = "full_flush"  # what survives a sleep (kind `eviction`): full_flush, sliding_window
+    sleep_every: int | None = None  # sliding_window: new tokens between sleeps (default: the window)
     checkpoint: bool = False  # activation checkpointing per window (recompute in backward)
 
 
@@ -248,6 +249,10 @@ def _check_values(r: Recipe, where: str) -> None:
             raise RecipeError(f"{where}: {field_}: {value!r} is not allowed; {allowed}")
 
     need(r.sleep.window >= 1, "sleep.window", r.sleep.window, "the window must be >= 1 token")
+    need(r.sleep.sleep_every is None or 1 <= r.sleep.sleep_every <= r.sleep.window, "sleep.sleep_every",
+         r.sleep.sleep_every, f"must be in [1, sleep.window = {r.sleep.window}] (null: sleep every window)")
+    need(r.sleep.sleep_every in (None, r.sleep.window) or r.sleep.eviction != "full_flush", "sleep.sleep_every",
+         r.sleep.sleep_every, "full_flush sleeps on whole windows; use eviction: sliding_window to sleep more often")
     need(r.sleep.loops >= 1, "sleep.loops", r.sleep.loops, "loops must be >= 1 (1 = no sleep, the plain hybrid)")
     need(r.model.d_model >= 1, "model.d_model", r.model.d_model, "must be >= 1")
     need(len(r.model.layers) >= 1, "model.layers", r.model.layers, "give at least one mixer name")

@@ -1,20 +1,25 @@
 """The sleep engine: cut a sequence into windows, wake, sleep, evict (SPEC 1).
 
-For every window of at most ``window`` tokens::
+For every chunk of new tokens (a whole window under ``full_flush``; ``sleep_every`` tokens under
+``sliding_window``)::
 
-    h = embed(window tokens)                     positions restart at 0 (hard eviction)
+    h = embed(chunk)                             full_flush: positions restart at 0
     h, S = prelude(h, S)                         blocks before the loop run once
     h, S = looped(h, S)                          pass 1 = the wake pass
-    logits = head(coda(h))                       loss is taken here when the window has targets
-    if another window follows (its cache is about to be evicted):
+    logits = head(coda(h))                       loss is taken here when the chunk has targets
+    if another chunk follows (its cache is about to be evicted):
         repeat loops - 1 times: h, S = looped(h, S)   sleep: features of pass n feed pass n + 1
-        S = evict(S)                             only fast weights cross the boundary
+        S = evict(S)                             fast weights survive; caches as the policy says
 
-S accumulates over passes and windows and is never reset within a sequence. Gradients flow through all
-windows and passes (full BPTT); with ``checkpoint=True`` each window's activations are recomputed in the
-backward pass, so memory holds one window's activations plus the states. ``loops=1`` is exactly the plain
-hybrid. *Ours*: the coda runs once per window, on the wake pass, as in streaming, where each token is
-predicted when it arrives and the window is slept on afterwards.
+Fast weights accumulate over passes and chunks and are never reset within a sequence. Every pass of a
+chunk reads the same context (the caches retained from earlier chunks: none under ``full_flush``); the
+caches kept for later chunks are the wake pass's. Gradients flow through all chunks and passes (full
+BPTT); with ``checkpoint=True`` each chunk's activations are recomputed in the backward pass. ``loops=1``
+is exactly the plain hybrid. *Ours*: the coda runs once per chunk, on the wake pass, as in streaming, where
+each token is predicted when it arrives and the window is slept on afterwards.
+
+Training (:func:`run`) and streaming inference (:class:`Stream`) are two drivers of the same two steps,
+:func:`wake` and :func:`consolidate`, so they can not drift apart.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from . import registry
+from .mixers import with_fast_weights
 from .registry import SleepzooError
 
 if TYPE_CHECKING:
@@ -48,9 +54,9 @@ class SleepOutput:
     states: list[Any]
 
 
-def window_bounds(seq_len: int, window: int) -> list[tuple[int, int]]:
-    """Consecutive [start, end) windows of at most ``window`` tokens covering ``seq_len`` tokens."""
-    return [(s, min(s + window, seq_len)) for s in range(0, seq_len, window)]
+def window_bounds(seq_len: int, chunk: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) chunks of at most ``chunk`` tokens covering ``seq_len`` tokens."""
+    return [(s, min(s + chunk, seq_len)) for s in range(0, seq_len, chunk)]
 
 
 def check_sleep_args(window: Any, loops: Any) -> None:
@@ -60,52 +66,74 @@ def check_sleep_args(window: Any, loops: Any) -> None:
             raise SleepzooError(f"{name}={value!r} is invalid: it must be an integer >= 1 ({hint})")
 
 
-def resolve_eviction(eviction: Any) -> Any:
-    """An eviction policy object from a name (kind ``eviction``) or an already built policy."""
+def resolve_eviction(eviction: Any, window: int, sleep_every: int | None = None) -> Any:
+    """An eviction policy for ``window`` from a name (kind ``eviction``), or an already built policy."""
     if isinstance(eviction, str):
-        return registry.get("eviction", eviction)()
-    if not hasattr(eviction, "evict"):
-        raise SleepzooError(f"eviction={eviction!r} is neither a policy name nor an object with .evict()")
+        return registry.get("eviction", eviction)(window=window, sleep_every=sleep_every)
+    if not all(hasattr(eviction, a) for a in ("evict", "chunk", "span")):
+        raise SleepzooError(f"eviction={eviction!r} is neither a policy name nor a policy object "
+                            f"(with .evict(), .chunk and .span)")
     return eviction
 
 
-def run_blocks(blocks: Sequence[torch.nn.Module], h: Tensor, states: list, offset: int) -> Tensor:
-    """Apply ``blocks`` in order, updating ``states[offset + i]`` in place."""
-    for i, block in enumerate(blocks):
-        h, states[offset + i] = block(h, states[offset + i])
-    return h
+def run_blocks(blocks: Sequence[torch.nn.Module], h: Tensor, states: Sequence[Any],
+               span: int | None) -> tuple[Tensor, list]:
+    """Apply ``blocks`` in order; ``states[i]`` belongs to ``blocks[i]``. Returns (h, new states)."""
+    new_states = []
+    for block, state in zip(blocks, states):
+        h, state = block(h, state, span=span)
+        new_states.append(state)
+    return h, new_states
 
 
-def _window(model: "SleepModel", ids: Tensor, targets: Tensor | None, states: list, passes: int,
-            need_logits: bool) -> tuple[Tensor | None, Tensor | None, list]:
-    """Wake pass (+ ``passes - 1`` sleep passes) over one window. Returns (logits, summed CE, states)."""
-    states = list(states)  # never mutate the caller's list: checkpoint recomputation replays this call
-    layers = model.layers
-    lo, hi = model.loop_range
-    h = model.embed(ids)  # (B, W, d)
-    h = run_blocks(layers[:lo], h, states, 0)
-    h = run_blocks(layers[lo:hi], h, states, lo)  # pass 1: the wake pass
-    logits = loss_sum = None
-    if need_logits:
-        wake = run_blocks(layers[hi:], h, states, hi)
-        logits = model.head(wake)  # (B, W, vocab)
-        if targets is not None:
-            # half-precision logits are upcast for the loss; float32/float64 are kept as they are
-            scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-            loss_sum = F.cross_entropy(scores.flatten(0, 1), targets.flatten(),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
-    elif hi < len(layers):  # the coda's states must see the wake pass even when nothing is predicted
-        run_blocks(layers[hi:], h, states, hi)
-    for _ in range(passes - 1):  # sleep: consolidate the window into the looped blocks' fast weights
-        h = run_blocks(layers[lo:hi], h, states, lo)
-    return logits, loss_sum, states
+def wake(model: "SleepModel", ids: Tensor, states: Sequence[Any], span: int | None,
+         need_logits: bool = True) -> tuple[Tensor, Tensor | None, list]:
+    """The wake pass over new tokens ``ids`` (B, t). Returns (looped blocks' output features, logits or
+    None, states). The coda runs even without logits: its states must see the wake pass."""
+    layers, (lo, hi) = model.layers, model.loop_range
+    h = model.embed(ids)  # (B, t, d)
+    h, pre = run_blocks(layers[:lo], h, states[:lo], span)
+    feats, looped = run_blocks(layers[lo:hi], h, states[lo:hi], span)
+    out, coda = run_blocks(layers[hi:], feats, states[hi:], span)
+    logits = model.head(out) if need_logits else None  # (B, t, vocab)
+    return feats, logits, pre + looped + coda
 
 
-def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *, window: int, loops: int,
-        eviction: Any = "full_flush", checkpoint: bool = False, return_logits: bool = True,
-        states: list["MixerState"] | None = None) -> SleepOutput:
-    """Run ``model`` over ``input_ids`` (B, T) window by window with sleep; see the module docstring."""
-    check_sleep_args(window, loops)
+def consolidate(model: "SleepModel", feats: Tensor, states: Sequence[Any], start_states: Sequence[Any],
+                passes: int, span: int | None) -> list:
+    """Sleep: passes 2..``passes`` of the looped blocks over a chunk whose wake pass produced ``feats``.
+
+    Each pass reads the context the wake pass read (the caches of ``start_states``, from before the chunk)
+    and continues the fast weights of the previous pass; the returned states keep the wake pass's caches.
+    """
+    states = list(states)
+    if passes <= 1:
+        return states
+    mixers, (lo, hi) = model.mixers(), model.loop_range
+    fast = states[lo:hi]
+    h = feats
+    for _ in range(passes - 1):
+        pass_states = [with_fast_weights(mixers[lo + i], start_states[lo + i], fast[i]) for i in range(hi - lo)]
+        h, fast = run_blocks(model.layers[lo:hi], h, pass_states, span)
+    for i in range(hi - lo):
+        states[lo + i] = with_fast_weights(mixers[lo + i], states[lo + i], fast[i])
+    return states
+
+
+def _chunk(model: "SleepModel", ids: Tensor, targets: Tensor | None, states: list, passes: int,
+           need_logits: bool, span: int | None) -> tuple[Tensor | None, Tensor | None, list]:
+    """Wake + sleep over one training chunk. Returns (logits, summed CE over its targets, states)."""
+    feats, logits, woken = wake(model, ids, states, span, need_logits or targets is not None)
+    loss_sum = None
+    if targets is not None:
+        # half-precision logits are upcast for the loss; float32/float64 are kept as they are
+        scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        loss_sum = F.cross_entropy(scores.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
+    return (logits if need_logits else None), loss_sum, consolidate(model, feats, woken, states, passes, span)
+
+
+def _check_inputs(model: "SleepModel", input_ids: Any, targets: Any) -> None:
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise SleepzooError(f"input_ids must be a LongTensor of shape (batch, seq_len), got "
                             f"{getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
@@ -117,33 +145,38 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
         raise SleepzooError(f"input_ids hold ids outside [0, {vocab}): min {int(input_ids.min())}, "
                             f"max {int(input_ids.max())}; is the recipe's vocab_size that of the task?")
-    policy = resolve_eviction(eviction)
+
+
+def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *, window: int, loops: int,
+        eviction: Any = "full_flush", sleep_every: int | None = None, checkpoint: bool = False,
+        return_logits: bool = True) -> SleepOutput:
+    """Run ``model`` over ``input_ids`` (B, T) chunk by chunk with sleep; see the module docstring."""
+    check_sleep_args(window, loops)
+    _check_inputs(model, input_ids, targets)
+    policy = resolve_eviction(eviction, window, sleep_every)
     mixers = model.mixers()
-    states = [None] * len(mixers) if states is None else list(states)
-    bounds = window_bounds(input_ids.shape[1], window)
+    states: list = [None] * len(mixers)
+    bounds = window_bounds(input_ids.shape[1], policy.chunk)
     use_ckpt = checkpoint and torch.is_grad_enabled()
     logits_parts: list[Tensor] = []
     loss_total: Tensor | None = None
     num_targets = 0 if targets is None else int((targets != IGNORE_INDEX).sum())
     for c, (start, end) in enumerate(bounds):
-        consolidate = c + 1 < len(bounds)
+        more = c + 1 < len(bounds)  # the chunk is consolidated iff another follows
         ids_c = input_ids[:, start:end]
         tgt_c = None if targets is None else targets[:, start:end]
-        has_targets = tgt_c is not None and bool((tgt_c != IGNORE_INDEX).any())
-        need_logits = return_logits or has_targets
-        passes = loops if consolidate else 1
+        if tgt_c is not None and not bool((tgt_c != IGNORE_INDEX).any()):
+            tgt_c = None
+        args = (model, ids_c, tgt_c, states, loops if more else 1, return_logits, policy.span)
         if use_ckpt:
-            logits_c, loss_c, states = activation_checkpoint(
-                _window, model, ids_c, tgt_c if has_targets else None, states, passes, need_logits,
-                use_reentrant=False)
+            logits_c, loss_c, states = activation_checkpoint(_chunk, *args, use_reentrant=False)
         else:
-            logits_c, loss_c, states = _window(model, ids_c, tgt_c if has_targets else None, states, passes,
-                                               need_logits)
+            logits_c, loss_c, states = _chunk(*args)
         if return_logits:
             logits_parts.append(logits_c)
         if loss_c is not None:
             loss_total = loss_c if loss_total is None else loss_total + loss_c
-        if consolidate:
+        if more:
             states = policy.evict(states, mixers)
     loss = None
     if targets is not None:
@@ -152,3 +185,51 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
         loss = loss_total / num_targets
     logits = torch.cat(logits_parts, dim=1) if return_logits else None
     return SleepOutput(loss=loss, logits=logits, num_targets=num_targets, states=states)
+
+
+class Stream:
+    """Streaming inference: feed tokens in pieces of any size (a prompt, then one token at a time); the model
+    sleeps when a chunk is full and the next token arrives, then evicts by policy. Memory stays bounded by
+    the window, one chunk of wake features and the fast weights, whatever the length of the stream.
+
+    Its logits equal :func:`run`'s on the same sequence (same window, loops, eviction): both are made of
+    :func:`wake` and :func:`consolidate`, and a chunk's wake pass token by token equals it in one piece.
+    """
+
+    def __init__(self, model: "SleepModel", *, window: int, loops: int, eviction: Any = "full_flush",
+                 sleep_every: int | None = None):
+        check_sleep_args(window, loops)
+        self.model, self.loops = model, loops
+        self.policy = resolve_eviction(eviction, window, sleep_every)
+        self.mixers = model.mixers()
+        self.states: list = [None] * len(self.mixers)
+        self.chunk_start: list = self.states  # the caches every pass of the current chunk reads
+        self.feats: list[Tensor] = []  # wake features of the current chunk, input of its sleep passes
+        self.filled = 0  # tokens of the current chunk seen so far
+        self.tokens = 0  # tokens seen in all
+        self.sleeps = 0
+
+    def feed(self, ids: Tensor) -> Tensor:
+        """Process new tokens ``ids`` (B, t); return their wake logits (B, t, vocab)."""
+        _check_inputs(self.model, ids, None)
+        out = []
+        pos = 0
+        while pos < ids.shape[1]:
+            if self.filled == self.policy.chunk:
+                self.sleep()
+            take = min(self.policy.chunk - self.filled, ids.shape[1] - pos)
+            feats, logits, self.states = wake(self.model, ids[:, pos:pos + take], self.states, self.policy.span)
+            self.feats.append(feats)
+            out.append(logits)
+            self.filled += take
+            pos += take
+        self.tokens += ids.shape[1]
+        return torch.cat(out, dim=1)
+
+    def sleep(self) -> None:
+        """Consolidate the current chunk (passes 2..loops) and evict; the next token starts a new chunk."""
+        feats = torch.cat(self.feats, dim=1)  # (B, chunk, d)
+        states = consolidate(self.model, feats, self.states, self.chunk_start, self.loops, self.policy.span)
+        self.states = self.chunk_start = self.policy.evict(states, self.mixers)
+        self.feats, self.filled = [], 0
+        self.sleeps += 1

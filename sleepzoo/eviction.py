@@ -1,9 +1,10 @@
 """Eviction policies (kind ``eviction``): what of a window survives after the model has slept on it.
 
-A policy is a class constructed with no arguments (recipe settings come later as keyword arguments) with
-one method the engine calls after a window's sleep passes::
+A policy is built by the engine as ``Policy(window=L, sleep_every=None)`` and tells it three things:
 
-    states = policy.evict(states, mixers)   # one MixerState per block, in block order
+* ``chunk``: how many new tokens arrive between two sleeps;
+* ``span``: how many tokens (itself included) a query may attend to (None: everything in the cache);
+* ``evict(states, mixers)``: the per-block states after a sleep (fast weights always survive).
 """
 
 from __future__ import annotations
@@ -12,22 +13,54 @@ from typing import Sequence
 
 from torch import nn
 
-from .mixers import MixerState
+from .mixers import MixerState, evict_state
+from .registry import SleepzooError
+
+
+def _check(name: str, window: int, sleep_every: int | None) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise SleepzooError(f"{name}: window={window!r} must be an integer >= 1")
+    if sleep_every is not None and (isinstance(sleep_every, bool) or not isinstance(sleep_every, int)
+                                    or not 1 <= sleep_every <= window):
+        raise SleepzooError(f"{name}: sleep_every={sleep_every!r} must be an integer in [1, window={window}] "
+                            f"(the model sleeps at the latest when its window is full)")
 
 
 class FullFlush:
-    """Hard eviction (the paper's main setting): drop every cache, keep only the fast weights.
+    """Hard eviction (the paper's main setting): sleep on each full window, then drop every cache.
 
-    Each mixer names its fast-weight keys in ``carried_state``; everything else (KV caches, conv history)
-    is dropped, so the next window starts with an empty attention cache and positions restart at 0.
+    Only the fast weights cross the boundary; the next window starts with an empty attention cache, positions
+    restart at 0 and conv histories are empty.
     """
 
-    retained_tokens = 0
+    span = None
+    retain = 0
+
+    def __init__(self, window: int, sleep_every: int | None = None):
+        _check("full_flush", window, sleep_every)
+        if sleep_every not in (None, window):
+            raise SleepzooError(f"full_flush: sleep_every={sleep_every} but full_flush sleeps on whole windows; "
+                                f"leave sleep_every unset (= window {window}) or use eviction: sliding_window")
+        self.window = self.chunk = window
 
     def evict(self, states: Sequence[MixerState], mixers: Sequence[nn.Module]) -> list[MixerState]:
-        out: list[MixerState] = []
-        for state, mixer in zip(states, mixers):
-            keep = getattr(mixer, "carried_state", ())
-            kept = {k: v for k, v in (state or {}).items() if k in keep}
-            out.append(kept or None)
-        return out
+        return [evict_state(m, s, 0) for s, m in zip(states, mixers)]
+
+
+class SlidingWindow:
+    """Sliding-window sleep: every ``sleep_every`` tokens (default: the window L) the model sleeps on the new
+    tokens, then keeps the most recent L - 1 tokens' caches (the wake pass's K/V); every query attends to at
+    most L tokens. With loops = 1 this is exactly a sliding-window-attention + SSM hybrid.
+    """
+
+    span: int
+    retain: int
+
+    def __init__(self, window: int, sleep_every: int | None = None):
+        _check("sliding_window", window, sleep_every)
+        self.window = self.span = window
+        self.chunk = window if sleep_every is None else sleep_every
+        self.retain = window - 1
+
+    def evict(self, states: Sequence[MixerState], mixers: Sequence[nn.Module]) -> list[MixerState]:
+        return [evict_state(m, s, self.retain) for s, m in zip(states, mixers)]

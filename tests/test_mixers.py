@@ -62,7 +62,7 @@ def test_attention_matches_naive(heads, kv_heads):
     q, k = naive_rope(q, pos, 100.0), naive_rope(k, pos, 100.0)
     expected = att.o_proj(naive_attention(q, k, v).transpose(1, 2).reshape(B, T, heads * D))
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
-    assert state is None
+    assert state["offset"] == T and state["k"].shape == (B, kv_heads, T, D)  # the cache of this window
 
 
 def test_rope_scores_depend_only_on_relative_position():

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sleepzoo import registry
+from sleepzoo.mixers import evict_state
 from sleepzoo.ops.rules import FastWeightRule
 from sleepzoo.registry import MissingDependencyError, PluginImportError, UnknownPluginError
 
@@ -236,10 +237,18 @@ def test_every_mixer_keeps_the_contract(name):
     assert y.shape == (2, 5, 64) and y.dtype == x.dtype and torch.isfinite(y).all()
     assert state is None or isinstance(state, dict)
     assert set(carried) <= set(state or {}), f"{name}: carried keys {carried} missing from state"
-    y2, state2 = mixer(x[:, :3], state, pos_offset=5)  # continuing a sequence with the state it returned
+    y2, state2 = mixer(x[:, :3], state, span=4)  # continuing a sequence with the state it returned
     assert y2.shape == (2, 3, 64) and torch.isfinite(y2).all()
     for key in carried:
         assert state2[key].shape == state[key].shape
+    # Streaming contract: a sequence fed in two pieces gives what it gives in one.
+    x = torch.randn(2, 9, 64)
+    whole, _ = mixer(x)
+    first, state = mixer(x[:, :4])
+    rest, _ = mixer(x[:, 4:], state)
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), whole, rtol=1e-4, atol=1e-5)
+    flushed = evict_state(mixer, state, 0)  # hard eviction keeps the fast weights only
+    assert set(flushed or {}) == set(carried)
 
 
 @pytest.mark.parametrize("name", registry.names("rule"))
@@ -276,7 +285,8 @@ class _StubMixer(nn.Module):
 
 @pytest.mark.parametrize("name", registry.names("eviction"))
 def test_every_eviction_keeps_the_fast_weights(name):
-    policy = registry.get("eviction", name)()
+    policy = registry.get("eviction", name)(window=6)
+    assert 1 <= policy.chunk <= 6 and policy.span in (None, 6)
     fast, kv, conv = torch.randn(2, 2, 4, 4), torch.randn(2, 2, 6, 8), torch.randn(2, 3, 8)
     mixers = [_StubMixer(("fast_weights",)), _StubMixer(()), _StubMixer(("fast_weights",))]
     states = [{"fast_weights": fast, "conv_cache": conv}, {"kv_cache": kv}, None]
@@ -284,7 +294,7 @@ def test_every_eviction_keeps_the_fast_weights(name):
     assert len(evicted) == len(mixers)
     assert evicted[0]["fast_weights"] is fast  # fast weights cross the boundary untouched
     assert evicted[2] is None or "fast_weights" not in evicted[2]  # no state is invented
-    if getattr(policy, "retained_tokens", 0) == 0:  # hard eviction: nothing but the carried keys survives
+    if policy.retain == 0:  # hard eviction: nothing but the carried keys survives
         for state, mixer in zip(evicted, mixers):
             assert set(state or {}) <= set(mixer.carried_state)
         assert evicted[0] == {"fast_weights": fast} and not evicted[1] and not evicted[2]

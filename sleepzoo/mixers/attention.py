@@ -1,8 +1,9 @@
 """Softmax attention mixer (GQA + RoPE) and its reference back end.
 
 Attention back ends are plugins of kind ``attention``: a function
-``backend(q, k, v, *, causal, scale) -> o`` with q (B, H, T, D), k and v (B, Hkv, S, D), o (B, H, T, D).
-``sdpa`` is the reference; accelerated ones (flash-attn, xformers) come as plugins.
+``backend(q, k, v, *, causal, window, scale) -> o`` with q (B, H, T, D), k and v (B, Hkv, S, D), S >= T, the
+queries being the last T keys' positions, o (B, H, T, D). ``sdpa`` is the reference; accelerated ones
+(flash-attn, xformers) come as plugins.
 """
 
 from __future__ import annotations
@@ -16,13 +17,35 @@ from ..registry import SleepzooError
 from . import MixerState
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None) -> Tensor:
-    """Reference back end: ``torch.nn.functional.scaled_dot_product_attention``; GQA by repeating K/V heads."""
+def attention_mask(q_len: int, k_len: int, window: int | None, device: torch.device) -> Tensor:
+    """Boolean (q_len, k_len) mask, True = may attend. Queries are the last ``q_len`` of the ``k_len`` keys
+    (bottom-right aligned, as with a KV cache): causal, and at most ``window`` keys (itself included)."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: int | None = None,
+                   scale: float | None = None) -> Tensor:
+    """Reference back end: ``torch.nn.functional.scaled_dot_product_attention``; GQA by repeating K/V heads.
+
+    q (B, H, T, D); k, v (B, Hkv, S, D) with S >= T: the queries are the last T positions of the keys.
+    ``window`` limits each query to its ``window`` most recent keys (itself included).
+    """
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(n_rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    T, S = q.shape[2], k.shape[2]
+    if not causal:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if S == T and (window is None or window >= T):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    mask = attention_mask(T, S, window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -54,15 +77,17 @@ class Attention(nn.Module):
         head_dim: D (default d_model // num_heads).
         rope_theta: RoPE base (default 10000.0).
         qkv_bias: biases on q/k/v projections, as in Qwen2 (default False).
+        window: sliding-window attention: each query sees its ``window`` most recent tokens (default None:
+            all tokens in the cache). The engine's sliding-window eviction narrows it further to ``span``.
         backend: name of an ``attention`` plugin (default "sdpa").
         layer_idx: position in the stack (for messages).
     """
 
-    carried_state: tuple[str, ...] = ()  # attention keeps nothing across an eviction
+    carried_state: tuple[str, ...] = ()  # attention has no fast weights: everything is cache
 
     def __init__(self, d_model: int, *, num_heads: int = 4, num_kv_heads: int | None = None,
                  head_dim: int | None = None, rope_theta: float = 10000.0, qkv_bias: bool = False,
-                 backend: str = "sdpa", layer_idx: int | None = None):
+                 window: int | None = None, backend: str = "sdpa", layer_idx: int | None = None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         head_dim = d_model // num_heads if head_dim is None else head_dim
@@ -72,7 +97,10 @@ class Attention(nn.Module):
         if head_dim < 2 or head_dim % 2:
             raise SleepzooError(f"{where}: head_dim={head_dim} must be even and >= 2 (RoPE rotates pairs)")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        if window is not None and window < 1:
+            raise SleepzooError(f"{where}: window={window} must be >= 1 (or null for no sliding window)")
         self.rope_theta = rope_theta
+        self.window = window
         self.layer_idx = layer_idx
         self.backend_name = backend
         self.backend = registry.get("attention", backend)
@@ -81,14 +109,30 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, d_model, bias=False)
 
-    def forward(self, x: Tensor, state: MixerState = None, *, pos_offset: int = 0) -> tuple[Tensor, MixerState]:
+    def forward(self, x: Tensor, state: MixerState = None, *, span: int | None = None) -> tuple[Tensor, MixerState]:
+        """Attend over the cached tokens of ``state`` and ``x``; the returned state caches both.
+
+        State: ``k``, ``v`` (B, Hkv, S, D) rotated keys and values of the cached tokens, ``offset`` the
+        position of the next token (RoPE is relative, so absolute positions only need to be consistent).
+        """
         B, T, _ = x.shape
+        offset = 0 if state is None else state["offset"]
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        positions = torch.arange(pos_offset, pos_offset + T, device=x.device)
+        positions = torch.arange(offset, offset + T, device=x.device)
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = self.backend(q, k, v, causal=True, scale=self.head_dim ** -0.5)  # (B, H, T, D)
+        if state is not None:
+            k = torch.cat([state["k"], k], dim=2)  # (B, Hkv, S, D)
+            v = torch.cat([state["v"], v], dim=2)
+        window = self.window if span is None else span if self.window is None else min(span, self.window)
+        o = self.backend(q, k, v, causal=True, window=window, scale=self.head_dim ** -0.5)  # (B, H, T, D)
         o = o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-        return self.o_proj(o), state
+        return self.o_proj(o), {"k": k, "v": v, "offset": offset + T}
+
+    def evict(self, state: MixerState, retain: int) -> MixerState:
+        """Keep the K/V of the last ``retain`` tokens (and the position count); none: a fresh window."""
+        if state is None or retain <= 0:
+            return None
+        return {"k": state["k"][:, :, -retain:], "v": state["v"][:, :, -retain:], "offset": state["offset"]}

@@ -33,11 +33,14 @@ class GatedRMSNorm(nn.Module):
         return out if gate is None else out * F.silu(gate)
 
 
-def causal_depthwise_conv(x: Tensor, weight: Tensor) -> Tensor:
-    """Causal depthwise conv over time with an empty (zero) history: x (B, T, C), weight (C, 1, W)."""
+def causal_depthwise_conv(x: Tensor, weight: Tensor, history: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Causal depthwise conv over time: x (B, T, C), weight (C, 1, W), history (B, <= W-1, C) the inputs just
+    before x (None or empty: zeros). Returns (y (B, T, C), the last W-1 inputs as the next history)."""
     T, width = x.shape[1], weight.shape[-1]
-    y = F.conv1d(x.transpose(1, 2), weight, padding=width - 1, groups=x.shape[-1])  # (B, C, T + W - 1)
-    return y[..., :T].transpose(1, 2)
+    seq = x if history is None else torch.cat([history, x], dim=1)  # (B, P + T, C)
+    y = F.conv1d(seq.transpose(1, 2), weight, padding=width - 1, groups=x.shape[-1])  # (B, C, P + T + W - 1)
+    y = y[..., seq.shape[1] - T: seq.shape[1]].transpose(1, 2)  # outputs of x's positions
+    return y, seq[:, -(width - 1):] if width > 1 else seq[:, :0]
 
 
 class GatedDeltaNet(nn.Module):
@@ -109,19 +112,22 @@ class GatedDeltaNet(nn.Module):
         self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
 
-    def _features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _features(self, x: Tensor, state: MixerState) -> tuple[Tensor, Tensor, Tensor, dict]:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        caches: dict = {}
         if self.use_short_conv:
-            # Conv history starts empty in every pass (SPEC 1): nothing but S crosses a pass or a window.
-            q = causal_depthwise_conv(q, self.q_conv1d.weight)
-            k = causal_depthwise_conv(k, self.k_conv1d.weight)
-            v = causal_depthwise_conv(v, self.v_conv1d.weight)
-        return F.silu(q), F.silu(k), F.silu(v)
+            # The conv history is a cache: it starts empty in a fresh window and in every pass of hard
+            # eviction (SPEC 1); a sliding-window eviction retains the wake pass's, like its K/V.
+            get = (lambda key: None) if state is None else state.get
+            q, caches["conv_q"] = causal_depthwise_conv(q, self.q_conv1d.weight, get("conv_q"))
+            k, caches["conv_k"] = causal_depthwise_conv(k, self.k_conv1d.weight, get("conv_k"))
+            v, caches["conv_v"] = causal_depthwise_conv(v, self.v_conv1d.weight, get("conv_v"))
+        return F.silu(q), F.silu(k), F.silu(v), caches
 
-    def forward(self, x: Tensor, state: MixerState = None, *, pos_offset: int = 0) -> tuple[Tensor, MixerState]:
+    def forward(self, x: Tensor, state: MixerState = None, *, span: int | None = None) -> tuple[Tensor, MixerState]:
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        q, k, v = self._features(x)
+        q, k, v, caches = self._features(x, state)
         q = F.normalize(q.view(B, T, H, K), p=2, dim=-1, eps=1e-6)  # (B, T, H, K)
         k = F.normalize(k.view(B, T, H, K), p=2, dim=-1, eps=1e-6)  # (B, T, H, K)
         v = v.view(B, T, H, V)  # (B, T, H, V)
@@ -133,4 +139,13 @@ class GatedDeltaNet(nn.Module):
                           scale=K ** -0.5, initial_state=S0, output_final_state=True, chunk_size=self.chunk_size)
         gate = self.g_proj(x).view(B, T, H, V) if self.use_gate else None
         o = self.o_norm(o, gate)  # (B, T, H, V)
-        return self.o_proj(o.reshape(B, T, H * V)), {"fast_weights": S}
+        return self.o_proj(o.reshape(B, T, H * V)), {"fast_weights": S, **caches}
+
+    def evict(self, state: MixerState, retain: int) -> MixerState:
+        """Keep S; keep the conv history only while tokens are retained (it never exceeds W - 1 tokens)."""
+        if state is None:
+            return None
+        keep = {"fast_weights": state["fast_weights"]}
+        if retain > 0:
+            keep.update({k: v[:, -retain:] for k, v in state.items() if k.startswith("conv_")})
+        return keep

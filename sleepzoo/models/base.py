@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .. import engine
 from ..config import SleepConfig
 from ..mixers import MixerState
+from ..registry import SleepzooError
 
 
 class SwiGLU(nn.Module):
@@ -42,12 +43,25 @@ class Block(nn.Module):
             self.post_attention_layernorm = nn.RMSNorm(d_model, eps=norm_eps)
             self.mlp = SwiGLU(d_model, d_ff)
 
-    def forward(self, x: Tensor, state: MixerState = None) -> tuple[Tensor, MixerState]:
-        mixed, state = self.self_attn(self.input_layernorm(x), state)
+    def forward(self, x: Tensor, state: MixerState = None, *, span: int | None = None) -> tuple[Tensor, MixerState]:
+        mixed, state = self.self_attn(self.input_layernorm(x), state, span=span)
         x = x + mixed
         if self.mlp is not None:
             x = x + self.mlp(self.post_attention_layernorm(x))
         return x, state
+
+
+def sample_next(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Next token ids (B, 1) from logits (B, vocab): argmax, or a sample at ``temperature`` from the
+    ``top_k`` most likely tokens."""
+    if not do_sample:
+        return logits.argmax(dim=-1, keepdim=True)
+    scores = logits.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)
 
 
 class SleepModel(nn.Module):
@@ -81,18 +95,65 @@ class SleepModel(nn.Module):
     def mixers(self) -> list[nn.Module]:
         return [block.self_attn for block in self.layers]
 
-    def forward(self, input_ids: Tensor, targets: Tensor | None = None, *, window: int | None = None,
-                loops: int | None = None, eviction: Any = None, checkpoint: bool | None = None,
-                return_logits: bool = True) -> engine.SleepOutput:
-        """Run the sleep engine. ``window``, ``loops``, ``eviction`` and ``checkpoint`` default to the
-        recipe's ``sleep`` section; ``targets`` (B, T) hold -100 where no loss is taken."""
+    def _sleep_settings(self, window: int | None, loops: int | None, eviction: Any,
+                        sleep_every: int | None) -> dict:
         s = self.sleep
-        return engine.run(self, input_ids, targets,
-                          window=s.window if window is None else window,
-                          loops=s.loops if loops is None else loops,
-                          eviction=s.eviction if eviction is None else eviction,
-                          checkpoint=s.checkpoint if checkpoint is None else checkpoint,
+        return {"window": s.window if window is None else window, "loops": s.loops if loops is None else loops,
+                "eviction": s.eviction if eviction is None else eviction,
+                "sleep_every": s.sleep_every if sleep_every is None else sleep_every}
+
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None, *, window: int | None = None,
+                loops: int | None = None, eviction: Any = None, sleep_every: int | None = None,
+                checkpoint: bool | None = None, return_logits: bool = True) -> engine.SleepOutput:
+        """Run the sleep engine over (B, T) tokens. ``window``, ``loops``, ``eviction``, ``sleep_every`` and
+        ``checkpoint`` default to the recipe's ``sleep`` section; ``targets`` (B, T) hold -100 where no loss
+        is taken. ``.logits`` are every position's wake-pass logits."""
+        return engine.run(self, input_ids, targets, **self._sleep_settings(window, loops, eviction, sleep_every),
+                          checkpoint=self.sleep.checkpoint if checkpoint is None else checkpoint,
                           return_logits=return_logits)
+
+    def start_stream(self, *, window: int | None = None, loops: int | None = None, eviction: Any = None,
+                     sleep_every: int | None = None) -> engine.Stream:
+        """A :class:`sleepzoo.engine.Stream` over this model: ``stream.feed(ids)`` returns wake logits."""
+        return engine.Stream(self, **self._sleep_settings(window, loops, eviction, sleep_every))
+
+    @torch.no_grad()
+    def stream(self, input_ids: Tensor, *, window: int | None = None, loops: int | None = None,
+               eviction: Any = None, sleep_every: int | None = None) -> Iterator[Tensor]:
+        """Feed ``input_ids`` (B, T) one token at a time; yield each position's logits (B, vocab)."""
+        stream = self.start_stream(window=window, loops=loops, eviction=eviction, sleep_every=sleep_every)
+        for t in range(input_ids.shape[1]):
+            yield stream.feed(input_ids[:, t:t + 1])[:, 0]
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, *, window: int | None = None,
+                 loops: int | None = None, eviction: Any = None, sleep_every: int | None = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Continue ``input_ids`` (B, T) by ``max_new_tokens`` tokens: the prompt is prefilled chunk by
+        chunk, then tokens are decoded one at a time; the model sleeps whenever its window fills. Greedy
+        unless ``do_sample`` (softmax at ``temperature``, optionally restricted to the ``top_k`` most
+        likely tokens). Returns (B, T + max_new_tokens)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise SleepzooError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+        if do_sample and not temperature > 0:
+            raise SleepzooError(f"temperature={temperature!r} must be > 0 when sampling")
+        if top_k is not None and top_k < 1:
+            raise SleepzooError(f"top_k={top_k!r} must be >= 1 (or None for the whole vocabulary)")
+        was_training = self.training
+        self.eval()
+        try:
+            stream = self.start_stream(window=window, loops=loops, eviction=eviction, sleep_every=sleep_every)
+            logits = stream.feed(input_ids)[:, -1]  # (B, vocab)
+            out = [input_ids]
+            for i in range(max_new_tokens):
+                nxt = sample_next(logits, do_sample, temperature, top_k, generator)  # (B, 1)
+                out.append(nxt)
+                if i + 1 < max_new_tokens:
+                    logits = stream.feed(nxt)[:, -1]
+        finally:
+            self.train(was_training)
+        return torch.cat(out, dim=1)
 
     def num_parameters(self) -> int:
         seen, total = set(), 0

@@ -20,8 +20,9 @@ class LinearAttention(nn.Module):
     Paper: Katharopoulos et al., *Transformers are RNNs: Fast Autoregressive Transformers with Linear
     Attention* (ICML 2020). Per token: q, k = phi(W x) with phi = L2-normalised ``elu + 1`` per head;
     v = W_v x; beta = sigmoid(b_proj x) (only when the rule reads beta); the rule writes S and reads
-    o = S^T q / sqrt(K); output = o_proj(RMSNorm(o)) per head. There are no positions, so ``pos_offset`` is
-    accepted for the mixer contract and unused.
+    o = S^T q / sqrt(K); output = o_proj(RMSNorm(o)) per head. There are no positions and no attention
+    window, so ``span`` is accepted for the mixer contract and unused; the state holds only S, so an
+    eviction (which keeps the fast weights) leaves it whole.
 
     Parameters: with d = d_model, H heads, K = head_dim: ``4*d*H*K`` (q, k, v, o projections)
     ``+ d*H`` (b_proj, when the rule reads beta) ``+ K`` (o_norm).
@@ -61,7 +62,7 @@ class LinearAttention(nn.Module):
         self.o_proj = nn.Linear(inner, d_model, bias=False)
 
     def forward(self, x: Tensor, state: dict[str, Tensor] | None = None, *,
-                pos_offset: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+                span: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         q = feature_map(self.q_proj(x).view(B, T, H, K))  # (B, T, H, K)
