@@ -5,6 +5,9 @@ A :class:`FastWeightRule` bundles the three forms of one rule, so a mixer can tr
 
 * :data:`gated_delta`: the gated delta rule (Yang et al., *Gated Delta Networks*, 2024); reads ``g`` and ``beta``.
 * :data:`delta`: the plain delta rule, the same code with ``g=None``; reads ``beta`` only.
+* :data:`gated_linear`: scalar-decay gated linear attention (Mamba2 / simple GLA), ``S <- exp(g) S + beta k v^T``;
+  reads ``g`` and ``beta`` (``beta=None`` means 1).
+* :data:`linear`: plain linear attention / Hebbian rule, the same code with ``g=None``; reads ``beta`` only.
 
 Shapes: ``q, k`` ``[B, T, H, K]``, ``v`` ``[B, T, H, V]``, ``g, beta`` ``[B, T, H]``, state ``[B, H, K, V]``;
 single-token forms drop the ``T`` axis.
@@ -16,8 +19,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .gated_delta import gated_delta_rule, gated_delta_rule_recurrent, gated_delta_rule_step
+from .gated_linear import gated_linear_rule, gated_linear_rule_recurrent, gated_linear_rule_step
 
-__all__ = ["FastWeightRule", "gated_delta", "delta"]
+__all__ = ["FastWeightRule", "gated_delta", "delta", "gated_linear", "linear"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ def _without_gate(fn: Callable) -> Callable:
 
     wrapped.__name__ = f"{fn.__name__}_ungated"
     wrapped.__qualname__ = wrapped.__name__
-    wrapped.__doc__ = f"{fn.__name__} with ``g`` forced to ``None`` (plain delta rule).\n\n{fn.__doc__ or ''}"
+    wrapped.__doc__ = f"{fn.__name__} with ``g`` forced to ``None`` (no decay).\n\n{fn.__doc__ or ''}"
     return wrapped
 
 
@@ -74,4 +78,24 @@ delta = FastWeightRule(
     uses_gate=False,
     uses_beta=True,
     doc="Delta rule (no decay): S <- S + k beta (v - S^T k)^T; the gated delta rule with g=None.",
+)
+
+gated_linear = FastWeightRule(
+    name="gated_linear",
+    chunk=gated_linear_rule,
+    recurrent=gated_linear_rule_recurrent,
+    step=gated_linear_rule_step,
+    uses_gate=True,
+    uses_beta=True,
+    doc="Scalar-decay gated linear attention (Mamba2 / simple GLA): S <- exp(g) S + beta k v^T (beta=None: 1).",
+)
+
+linear = FastWeightRule(
+    name="linear",
+    chunk=_without_gate(gated_linear_rule),
+    recurrent=_without_gate(gated_linear_rule_recurrent),
+    step=_without_gate(gated_linear_rule_step),
+    uses_gate=False,
+    uses_beta=True,
+    doc="Linear attention / Hebbian rule (no decay): S <- S + beta k v^T; gated_linear with g=None.",
 )
