@@ -94,7 +94,7 @@ def test_names_are_sorted_and_hold_the_builtins():
 
 
 def test_names_glob_filter():
-    assert registry.names("rule", "gated_*") == ["gated_delta"]
+    assert registry.names("rule", "gated_*") == ["gated_delta", "gated_linear"]
     assert registry.names("rule", "*delta") == [n for n in registry.names("rule") if n.endswith("delta")]
     assert registry.names("mixer", "att?ntion") == ["attention"]
     assert registry.names("mixer", "no_such_*") == []

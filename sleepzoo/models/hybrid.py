@@ -61,6 +61,9 @@ class HybridLM(SleepModel):
 
     def _init_weights(self, std: float, n_layers: int) -> None:
         for name, module in self.named_modules():
+            # A mixer marks a module whose own initialisation matters (e.g. Jet's kernel generator) as custom.
+            if getattr(module, "_sleepzoo_custom_init", False):
+                continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 # Output projections into the residual stream are scaled down by depth (GPT-2).
                 scale = 1 / math.sqrt(2 * n_layers) if name.endswith(("o_proj", "down_proj")) else 1.0
