@@ -1,0 +1,214 @@
+"""Tokenizers for text tasks (GSM-Infinite): a pretrained model's ``tokenizer.json``, or a built-in word level.
+
+Text tasks produce strings; the tokens, and so the lengths that the tasks control, come from the tokenizer in
+use. :func:`load_tokenizer` turns a task's ``tokenizer`` option into a :class:`Tokenizer`:
+
+* ``"builtin"`` (from-scratch models): :class:`WordTokenizer`, a small deterministic word-level vocabulary
+  that the task supplies (``words``): every word, number and punctuation mark is one token. Ids 0 and 1 are
+  ``<pad>`` and ``<unk>``, then the words in the order given (duplicates dropped).
+* a path: :class:`JsonTokenizer`, a ``tokenizer.json`` of the `tokenizers` library (Hugging Face format),
+  loaded with ``tokenizers.Tokenizer.from_file``; a directory is taken to hold ``tokenizer.json``. No special
+  tokens (BOS/EOS) are added when encoding: tasks add what they need.
+
+Every tokenizer has ``encode(str) -> list[int]``, ``encode_batch(list[str]) -> list[list[int]]``,
+``decode(ids) -> str``, ``vocab`` (token strings, index = id), ``vocab_size`` and ``pad_id``.
+
+Example::
+
+    from sleepzoo.tokenizer import load_tokenizer
+    tok = load_tokenizer("builtin", words=["assign", "v1", "=", "5", "."])
+    tok.encode("assign v1 = 5.")        # [2, 3, 4, 5, 6]
+    tok.decode([2, 3, 4, 5, 6])         # 'assign v1 = 5.'
+    tok = load_tokenizer("/models/qwen/tokenizer.json")   # or the model directory
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sleepzoo.registry import SleepzooError
+
+BUILTIN = "builtin"
+PAD, UNK = "<pad>", "<unk>"
+#: How :class:`WordTokenizer` splits text: runs of letters/digits/underscores, or one other non-space char.
+WORD_PATTERN = re.compile(r"\w+|[^\w\s]")
+#: Marks written without a space before them when :class:`WordTokenizer` decodes.
+_ATTACH_LEFT = frozenset(".,?!:;)")
+#: Tokens tried, in order, as the padding token of a ``tokenizer.json`` that sets no padding.
+PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<unk>")
+
+
+class Tokenizer:
+    """What a text task needs from a tokenizer (see the module docstring)."""
+
+    #: How it was asked for ("builtin" or the resolved path), for messages.
+    spec: str = ""
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    @property
+    def vocab(self) -> list[str]:
+        """Token strings; index = token id."""
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def pad_id(self) -> int:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r}, vocab_size={self.vocab_size})"
+
+
+class WordTokenizer(Tokenizer):
+    """Word level: text is split by :data:`WORD_PATTERN` and each piece looked up; unknown pieces -> ``<unk>``.
+
+    ``decode`` joins tokens with single spaces, except before ``. , ? ! : ; )``; so text written in that
+    canonical spacing (single spaces, punctuation attached to the word before it) decodes back exactly.
+    Encoding is additive: ``encode(a + " " + b) == encode(a) + encode(b)``.
+    """
+
+    def __init__(self, words: Iterable[str], spec: str = BUILTIN) -> None:
+        vocab = [PAD, UNK]
+        seen = set(vocab)
+        for w in words:
+            if not isinstance(w, str) or not w:
+                raise SleepzooError(f"WordTokenizer: words must be non-empty strings, got {w!r}")
+            if WORD_PATTERN.fullmatch(w) is None:
+                raise SleepzooError(f"WordTokenizer: {w!r} is not a single word or punctuation mark, so text "
+                                    f"could never encode to it")
+            if w not in seen:
+                seen.add(w)
+                vocab.append(w)
+        self._vocab = vocab
+        self._ids = {w: i for i, w in enumerate(vocab)}
+        self.spec = spec
+
+    def encode(self, text: str) -> list[int]:
+        ids, unk = self._ids, 1
+        return [ids.get(w, unk) for w in WORD_PATTERN.findall(text)]
+
+    def count(self, text: str) -> int:
+        """``len(encode(text))`` without the lookups."""
+        return len(WORD_PATTERN.findall(text))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        vocab, n = self._vocab, len(self._vocab)
+        out: list[str] = []
+        for i in ids:
+            i = int(i)
+            w = vocab[i] if 0 <= i < n else f"<unk:{i}>"
+            if out and w not in _ATTACH_LEFT:
+                out.append(" ")
+            out.append(w)
+        return "".join(out)
+
+    @property
+    def vocab(self) -> list[str]:
+        return list(self._vocab)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+
+class JsonTokenizer(Tokenizer):
+    """A ``tokenizer.json`` (``tokenizers.Tokenizer.from_file``). Encodes without special tokens.
+
+    ``pad_id`` is the padding token the file configures, else the first of :data:`PAD_CANDIDATES` it has,
+    else 0 (padding never carries a target, so any id works for a causal model). Ids the file leaves unused
+    show in :attr:`vocab` as ``<unused:ID>``.
+    """
+
+    def __init__(self, path: str) -> None:
+        try:
+            from tokenizers import Tokenizer as _HFTokenizer
+        except ImportError as exc:  # pragma: no cover - tokenizers is a dependency
+            raise SleepzooError("tokenizer: reading a tokenizer.json needs the 'tokenizers' package "
+                                "(pip install tokenizers)") from exc
+        try:
+            self._tok = _HFTokenizer.from_file(path)
+        except Exception as exc:
+            raise SleepzooError(f"tokenizer: could not read {path!r} as a tokenizer.json: {exc}") from exc
+        self.spec = path
+        table = self._tok.get_vocab(with_added_tokens=True)
+        size = max(self._tok.get_vocab_size(with_added_tokens=True), max(table.values(), default=-1) + 1)
+        vocab = [f"<unused:{i}>" for i in range(size)]
+        for token, i in table.items():
+            vocab[i] = token
+        self._vocab = vocab
+        self._pad_id = self._find_pad(table)
+
+    def _find_pad(self, table: dict[str, int]) -> int:
+        padding = self._tok.padding
+        if padding and padding.get("pad_id") is not None and padding.get("pad_token") in table:
+            return int(padding["pad_id"])
+        for token in PAD_CANDIDATES:
+            if token in table:
+                return int(table[token])
+        return 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def vocab(self) -> list[str]:
+        return list(self._vocab)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+
+def load_tokenizer(spec: str, words: Sequence[str] | None = None) -> Tokenizer:
+    """``"builtin"`` -> :class:`WordTokenizer` over ``words``; a path -> :class:`JsonTokenizer`.
+
+    A path may name the ``tokenizer.json`` file or a directory holding one (a model directory). ``~`` is
+    expanded. A path that does not exist raises :class:`~sleepzoo.registry.SleepzooError` naming it.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise SleepzooError(f"tokenizer: expected 'builtin' or the path of a tokenizer.json, got {spec!r}")
+    if spec == BUILTIN:
+        if words is None:
+            raise SleepzooError("tokenizer: the builtin tokenizer is a word-level vocabulary that the task "
+                                "supplies; call load_tokenizer('builtin', words=[...])")
+        return WordTokenizer(words)
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise SleepzooError(f"tokenizer: {path!r} does not exist; give the path of a tokenizer.json (or of a "
+                            f"directory holding one), or 'builtin' for the task's own word-level vocabulary")
+    return JsonTokenizer(path)
+
+
+def describe_tokenizer(tok: Any) -> dict[str, Any]:
+    """JSON-ready summary for run metadata."""
+    return {"class": type(tok).__name__, "spec": tok.spec, "vocab_size": tok.vocab_size, "pad_id": tok.pad_id}
