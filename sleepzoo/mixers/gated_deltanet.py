@@ -134,9 +134,7 @@ class GatedDeltaNet(nn.Module):
         beta = self.b_proj(x).sigmoid()  # (B, T, H)
         g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)  # (B, T, H), log decay <= 0
         S0 = None if state is None else state.get("fast_weights")
-        rule = self.rule
-        o, S = rule.chunk(q, k, v, g if rule.uses_gate else None, beta if rule.uses_beta else None,
-                          scale=K ** -0.5, initial_state=S0, output_final_state=True, chunk_size=self.chunk_size)
+        o, S = self.rule(q, k, v, g, beta, scale=K ** -0.5, initial_state=S0, chunk_size=self.chunk_size)
         gate = self.g_proj(x).view(B, T, H, V) if self.use_gate else None
         o = self.o_norm(o, gate)  # (B, T, H, V)
         return self.o_proj(o.reshape(B, T, H * V)), {"fast_weights": S, **caches}

@@ -191,9 +191,7 @@ class JetBlock(nn.Module):
         gdt = torch.promote_types(x.dtype, torch.float32)  # decays in at least float32, as Jet does
         g = -self.A_log.to(gdt).exp() * F.softplus(self.a_proj(x).to(gdt) + self.dt_bias.to(gdt))  # (B, T, H)
         S0 = None if state is None else state.get("fast_weights")
-        rule = self.rule
-        o, S = rule.chunk(q, k, v, g if rule.uses_gate else None, beta if rule.uses_beta else None,
-                          scale=K ** -0.5, initial_state=S0, output_final_state=True, chunk_size=self.chunk_size)
+        o, S = self.rule(q, k, v, g, beta, scale=K ** -0.5, initial_state=S0, chunk_size=self.chunk_size)
         gate = self.g_proj(x).view(B, T, H, V)
         o = self.o_norm(o.to(x.dtype), gate)  # (B, T, H, V)
         return self.o_proj(o.reshape(B, T, H * V)), {"fast_weights": S, "conv_v": conv_v}

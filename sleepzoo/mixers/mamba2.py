@@ -145,8 +145,7 @@ class Mamba2(nn.Module):
         else:
             v, beta = x * dt.unsqueeze(-1).to(x.dtype), None
         S0 = None if state is None else state.get("fast_weights")
-        y, S = rule.chunk(Cq, Bk, v, g if rule.uses_gate else None, beta, scale=1.0, initial_state=S0,
-                          output_final_state=True, chunk_size=self.chunk_size)
+        y, S = rule(Cq, Bk, v, g, beta, scale=1.0, initial_state=S0, chunk_size=self.chunk_size)
         y = y.to(x.dtype) + self.D.to(x.dtype)[:, None] * x  # (B, T, H, P)
         out = self.out_proj(self.norm(y.reshape(Bsz, T, E), z))
         return out, {"fast_weights": S, "conv_xbc": conv_xbc}

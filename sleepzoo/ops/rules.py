@@ -47,6 +47,20 @@ class FastWeightRule:
     uses_beta: bool
     doc: str = ""
 
+    def __call__(self, q, k, v, g, beta, *, scale: float | None = None, initial_state=None,
+                 chunk_size: int = 64):
+        """Apply the rule to a piece of a sequence, returning ``(o, final_state)``: one token with a state
+        goes through ``step`` (decoding), anything else through ``chunk``. ``g`` / ``beta`` are dropped
+        when the rule does not read them, so mixers may always pass what they computed."""
+        g = g if self.uses_gate else None
+        beta = beta if self.uses_beta else None
+        if q.shape[1] == 1 and initial_state is not None:
+            o, state = self.step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
+                                 None if beta is None else beta[:, 0], initial_state, scale=scale)
+            return o.unsqueeze(1), state
+        return self.chunk(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True,
+                          chunk_size=chunk_size)
+
 
 def _without_gate(fn: Callable) -> Callable:
     """Wrap ``fn`` so that ``g`` is ignored and replaced by ``None`` (no decay), keeping the signature."""

@@ -70,7 +70,7 @@ class LinearAttention(nn.Module):
         v = self.v_proj(x).view(B, T, H, K)  # (B, T, H, K)
         beta = None if self.b_proj is None else self.b_proj(x).sigmoid()  # (B, T, H)
         S0 = None if state is None else state.get("fast_weights")  # (B, H, K, K)
-        o, S = self.rule.chunk(q, k, v, None, beta, scale=K ** -0.5, initial_state=S0, output_final_state=True,
-                               chunk_size=self.chunk_size)  # (B, T, H, K), (B, H, K, K)
+        # (B, T, H, K), (B, H, K, K); the rule object decodes one token with its step form
+        o, S = self.rule(q, k, v, None, beta, scale=K ** -0.5, initial_state=S0, chunk_size=self.chunk_size)
         o = self.o_norm(o.to(x.dtype))  # (B, T, H, K)
         return self.o_proj(o.reshape(B, T, H * K)), {"fast_weights": S}
