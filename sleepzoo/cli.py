@@ -3,6 +3,10 @@
     sleepzoo train recipes/rule110-tiny.yaml sleep.loops=2 --out runs/tiny-N2
     sleepzoo train recipes/rule110-tiny.yaml sleep.loops=2 --out runs/tiny-N2 --resume
     sleepzoo eval runs/tiny-N2 --loops 4
+    sleepzoo sweep recipes/repro/rule110.yaml sleep.loops=1,2,4 train.seed=0,1,2 --out runs/repro/rule110-loops
+    sleepzoo compare runs/repro/rule110-loops/* --key sleep.loops --out docs/img/rule110-loops.png
+    sleepzoo task show rule110 steps=2 states=1 -n 3
+    sleepzoo task export recipes/rule110-tiny.yaml task.steps=4 -n 1000 --split test --out rule110.jsonl
     sleepzoo recipe validate recipes/rule110.yaml task.steps=16
     sleepzoo plugins list --kind mixer --json
     sleepzoo demo --loops 1,2
@@ -14,6 +18,7 @@ and exits with status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,11 +31,11 @@ from rich.table import Table
 
 import sleepzoo
 
-from . import registry, report
-from .checkpoint import atomic_write_json
-from .config import Recipe, RecipeError, check_kwargs, load_recipe
+from . import registry, report, sweep
+from .checkpoint import atomic_write_json, atomic_write_text
+from .config import Recipe, RecipeError, apply_overrides, check_kwargs, load_recipe
 from .registry import SleepzooError
-from .train import evaluate_run, train
+from .train import evaluate_run, jsonable, train
 
 USAGE_ERROR = 2
 
@@ -87,8 +92,12 @@ def train_command(recipe: str, overrides: tuple[str, ...], out_dir: str | None, 
     out = Path(out_dir) if out_dir else Path("runs") / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     console = Console()
     console.print(f"{'resuming' if resume else 'training'} {recipe} -> {out}")
-    result = train(parsed, out, resume=resume, progress=not no_progress)
+    with sweep.RunLock(out):  # one process per run directory at a time
+        result = train(parsed, out, resume=resume, progress=not no_progress)
     console.print(report.metrics_table(result, title=f"final evaluation ({out})"))
+    per_bucket = report.buckets_table(result, title="per bucket")
+    if per_bucket is not None:
+        console.print(per_bucket)
     console.print(f"wrote {out}")
 
 
@@ -98,11 +107,21 @@ def train_command(recipe: str, overrides: tuple[str, ...], out_dir: str | None, 
 @click.option("--loops", type=int, help="Sleep passes per window [default: the recipe's sleep.loops].")
 @click.option("--window", type=int, help="Window length L [default: the recipe's sleep.window].")
 def eval_command(run_dir: str, num_examples: int | None, loops: int | None, window: int | None) -> None:
-    """Evaluate the newest weights of RUN_DIR on the task's test split; print and save the metrics."""
+    """Evaluate the newest weights of RUN_DIR on the task's test split; print and save the metrics.
+
+    Writes eval.json (metrics, and per-bucket metrics for tasks with buckets such as a hop count k) and
+    eval.png (metric vs bucket; the headline metrics for a task without buckets). Other --loops/--window
+    than the run's own go to eval-loops{N}-window{L}.json/.png, keeping the training result.
+    """
     result, path = evaluate_run(run_dir, num_examples=num_examples, loops=loops, window=window)
     console = Console()
     console.print(report.metrics_table(result, title=f"evaluation of {run_dir}"))
-    console.print(f"wrote {path}")
+    per_bucket = report.buckets_table(result, title="per bucket")
+    if per_bucket is not None:
+        console.print(per_bucket)
+    png = report.plot_eval(result, path.with_suffix(".png"),
+                           title=f"{Path(run_dir).name}: step {result.get('step')}, loops {result.get('loops')}")
+    console.print(f"wrote {path} and {png}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,3 +252,277 @@ def demo_command(recipe_path: str, loops: list[int], out_dir: str, no_progress: 
     png = report.plot_accuracy(rows, out / "demo.png", key="loops", title=title)
     atomic_write_json(out / "demo.json", {"recipe": recipe_path, "overrides": list(overrides), "runs": rows})
     console.print(f"wrote {out / 'demo.json'} and {png}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# task show, task export
+
+
+def _is_recipe(spec: str) -> bool:
+    return spec.endswith((".yaml", ".yml")) or "/" in spec or Path(spec).is_file()
+
+
+def load_task(spec: str, options: Sequence[str] = ()) -> tuple[str, Any, dict[str, Any]]:
+    """``(registry name, task, options)`` from a task name or a recipe path, with ``key=value`` task OPTIONS.
+
+    Options are YAML values checked against the task's constructor; ``task.key=value`` is the same as
+    ``key=value``. With a recipe they override its ``task:`` section.
+    """
+    where = spec if _is_recipe(spec) else "task"
+    keys = []
+    for item in options:
+        if "=" not in item:
+            raise RecipeError(f"{where}: option {item!r}: expected key=value, e.g. steps=4")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        key = key[len("task."):] if key.startswith("task.") else key
+        if not key or "." in key:
+            raise RecipeError(f"{where}: option {item!r}: give a task option as key=value or task.key=value "
+                              f"(other recipe sections do not change the data)")
+        keys.append(f"{key}={value}")
+    if _is_recipe(spec):
+        recipe = load_recipe(spec, overrides=[f"task.{k}" for k in keys])
+        name, given, where = recipe.task.name, dict(recipe.task.options), f"{recipe.source}: task"
+    else:
+        name, given = spec, apply_overrides({}, keys, "task")
+    cls = registry.get("task", name)
+    checked = check_kwargs(cls, given, where)
+    return name, cls(**checked), checked
+
+
+def _task_config(task: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """``task.config()`` (every constructor argument); the options given for a task without one."""
+    config = getattr(task, "config", None)
+    return jsonable(config() if callable(config) else given)
+
+
+def _decode(task: Any, ids: Any, targets: Any) -> str:
+    decode = getattr(task, "decode", None)
+    if callable(decode):
+        return decode(ids, targets)
+    return " ".join(f"{i}=>{t}" if t != -100 else str(i) for i, t in zip(ids.tolist(), targets.tolist()))
+
+
+def _buckets(task: Any, data: dict) -> list[str]:
+    return [b for b in getattr(task, "buckets", ()) if b in data]
+
+
+_split_option = click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+                             help="Which split to draw from.")
+_seed_option = click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                            help="Data seed: the same (task options, seed, split) gives the same examples.")
+
+
+@main.group("task")
+def task_group() -> None:
+    """Look at a task's data, or export it."""
+
+
+@task_group.command("show")
+@click.argument("task_spec", metavar="TASK")
+@click.argument("options", nargs=-1)
+@_seed_option
+@click.option("-n", "num", type=click.IntRange(min=1), default=3, show_default=True, help="Examples to show.")
+@_split_option
+def task_show_command(task_spec: str, options: tuple[str, ...], seed: int, num: int, split: str) -> None:
+    """Describe TASK (a task name or a recipe) and print a few decoded examples, answers marked token=>answer.
+
+    OPTIONS are task options as key=value (e.g. steps=4 bits=16), or task.key=value.
+    """
+    name, task, given = load_task(task_spec, options)
+    data = task.generate(num, seed=seed, split=split)
+    describe = getattr(task, "describe", None)
+    info = jsonable(describe()) if callable(describe) else {}
+    doc = (type(task).__doc__ or "").strip().splitlines()
+    click.echo(f"{name}: {doc[0]}" if doc else name)
+    config = _task_config(task, given)
+    rows = [("class", info.get("class", f"{type(task).__module__}:{type(task).__qualname__}")),
+            ("options", ", ".join(f"{k}={v}" for k, v in config.items()) or "(none)"),
+            ("seq_len", getattr(task, "seq_len", data["input_ids"].shape[1]))]
+    vocab = getattr(task, "vocab", None)
+    if isinstance(vocab, list):
+        shown = " ".join(vocab[:24]) + (f" ... (+{len(vocab) - 24} more)" if len(vocab) > 24 else "")
+        rows.append(("vocab", f"{len(vocab)} tokens: {shown}"))
+    elif hasattr(task, "vocab_size"):
+        rows.append(("vocab", f"{task.vocab_size} tokens"))
+    if "test_fraction" in info:
+        rows.append(("test split", f"{info['test_fraction']:.3g} of the example space"))
+    if _buckets(task, data):
+        rows.append(("buckets", ", ".join(_buckets(task, data))))
+    standard = {"name", "class", "config", "seq_len", "vocab_size", "pad_id", "test_fraction"}
+    rows += [(k, v) for k, v in info.items() if k not in standard]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"  {k:<{width}}  {v}")
+    click.echo(f"\n{num} {split} example{'s' if num > 1 else ''} (seed {seed}), answers marked token=>answer:")
+    buckets = _buckets(task, data)
+    for i in range(num):
+        tags = "  ".join(f"{b}={int(data[b][i])}" for b in buckets)
+        click.echo(f"  #{i}{'  ' + tags if tags else ''}  {_decode(task, data['input_ids'][i], data['targets'][i])}")
+
+
+@task_group.command("export")
+@click.argument("task_spec", metavar="TASK")
+@click.argument("options", nargs=-1)
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="The JSONL file to write (replaced atomically).")
+@click.option("-n", "num", type=click.IntRange(min=1), default=1000, show_default=True, help="Examples.")
+@_seed_option
+@_split_option
+def task_export_command(task_spec: str, options: tuple[str, ...], out_path: str, num: int, seed: int,
+                        split: str) -> None:
+    """Write N examples of TASK (a task name or a recipe, with key=value OPTIONS) as a JSONL data set.
+
+    The first line is {"_meta": {task, config, seed, split, num_examples, ...}}: the task built from
+    config and generate(num_examples, seed, split) reproduce the file. Then one object per example:
+    input_ids, targets (-100: no loss), the bucket keys of tasks that have them, and the decoded text.
+    """
+    name, task, given = load_task(task_spec, options)
+    data = task.generate(num, seed=seed, split=split)
+    buckets = _buckets(task, data)
+    meta = {"task": name, "config": _task_config(task, given), "seed": seed, "split": split, "num_examples": num,
+            "seq_len": int(data["input_ids"].shape[1]), "vocab_size": getattr(task, "vocab_size", None),
+            "buckets": buckets, "sleepzoo_version": sleepzoo.__version__}
+    lines = [json.dumps({"_meta": meta})]
+    ids, targets = data["input_ids"], data["targets"]
+    for i in range(num):
+        row: dict[str, Any] = {"input_ids": ids[i].tolist(), "targets": targets[i].tolist()}
+        row.update({b: jsonable(data[b][i]) for b in buckets})
+        row["text"] = _decode(task, ids[i], targets[i])
+        lines.append(json.dumps(row, separators=(",", ":")))
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    args = ", ".join(f"{k}={v}" for k, v in meta["config"].items())
+    click.echo(f"wrote {out}: {num} {split} examples of {name}({args}), seed {seed}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compare, sweep
+
+
+def _default_plot_path(runs: Sequence[Path]) -> Path:
+    parents = {str(r.resolve().parent) for r in runs}
+    common = Path(os.path.commonpath(sorted(parents)))
+    return common / "compare.png"
+
+
+def show_comparison(run_dirs: Sequence[str | Path], *, key: str | None, metric: str, bucket: str | None,
+                    out: str | Path | None, json_path: str | Path | None, console: Console,
+                    title: str | None = None) -> dict[str, Any]:
+    """Load runs, aggregate (report.compare_runs), print the table, write the plot and optionally the JSON."""
+    runs = report.find_runs(run_dirs)
+    if not runs:
+        raise SleepzooError("no run directories given (files such as plots are skipped)")
+    results, waiting = [], []
+    for run in runs:
+        try:
+            results.append(report.load_result(run))
+        except report.NoEvaluation:
+            waiting.append(str(run))
+    if not results:
+        raise SleepzooError(f"none of the {len(runs)} runs has an evaluation yet")
+    if key is None:
+        key = report.choose_key(results)
+    comparison = report.compare_runs(results, key=key, metric=metric, bucket=bucket)
+    if waiting:  # runs that have not evaluated yet (or died before): left out, said once
+        shown = ", ".join(waiting[:6]) + (f" (+{len(waiting) - 6} more)" if len(waiting) > 6 else "")
+        click.echo(f"note: {len(waiting)} run(s) without an evaluation yet left out: {shown}", err=True)
+    console.print(report.comparison_table(comparison, title=title))
+    for r in comparison["runs"]:
+        if not r["finished"]:
+            console.print(f"* {r['run']}: not finished, step {r['step']}/{r['steps']} ({r['source']})",
+                          soft_wrap=True, markup=False, highlight=False)
+    png = report.plot_comparison(comparison, Path(out) if out else _default_plot_path(runs))
+    written = [str(png)]
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(json_path, comparison)
+        written.append(str(json_path))
+    console.print(f"wrote {' and '.join(written)}", soft_wrap=True, markup=False, highlight=False)
+    return comparison
+
+
+@main.command("compare")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--key", default=None,
+              help="Recipe setting to compare, a dotted path such as sleep.loops or task.steps (or its last "
+                   "part if unambiguous) [default: sleep.loops, or the one non-seed setting that varies].")
+@click.option("--metric", default="exact_accuracy", show_default=True, help="Metric of the plot and table.")
+@click.option("--bucket", default=None, help="Bucket key to break the metric down by (tasks with buckets, "
+                                             "e.g. k) [default: the task's first].")
+@click.option("--out", "out", type=click.Path(dir_okay=False),
+              help="Plot file [default: compare.png next to the runs].")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the aggregates as JSON.")
+def compare_command(run_dirs: tuple[str, ...], key: str | None, metric: str, bucket: str | None,
+                    out: str | None, json_path: str | None) -> None:
+    """Compare runs grouped by a recipe setting, mean ± std over seeds (train.seed).
+
+    RUN_DIRS are run directories (files are skipped; a directory of runs, e.g. a sweep's --out, stands for
+    the runs in it). A run still training counts with its newest periodic evaluation and is marked *.
+    """
+    show_comparison(run_dirs, key=key, metric=metric, bucket=bucket, out=out, json_path=json_path,
+                    console=Console())
+
+
+@main.command("sweep")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("grid", nargs=-1)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="One run directory per grid point goes under it, named like loops4-seed1.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs at a time; above 1 each is a `sleepzoo train` subprocess logging to <run>/train.log.")
+@click.option("--dry-run", is_flag=True, help="Print the runs, their overrides and state; train nothing.")
+@click.option("--metric", default="exact_accuracy", show_default=True, help="Metric of the final comparison.")
+@click.option("--no-progress", is_flag=True, help="No progress bar: one line per logged step.")
+def sweep_command(recipe: str, grid: tuple[str, ...], out_dir: str, jobs: int, dry_run: bool, metric: str,
+                  no_progress: bool) -> None:
+    """Train RECIPE once per point of a grid: key=v1,v2,... sweeps a setting, key=value sets it for all.
+
+    Values split at top-level commas only (model.layers=[a,b] is one value). Finished runs are skipped,
+    interrupted ones resumed. At the end the runs are compared (table, <out>/compare.png, compare.json).
+    """
+    plan = sweep.plan_sweep(recipe, grid, out_dir, jobs=jobs)
+    for r in plan.runs:
+        if r.todo:
+            check_recipe(r.recipe)  # every plugin setting of every point, before any compute is spent
+    console = Console()
+    if dry_run:
+        table = Table(title=f"sweep of {recipe}: {len(plan.runs)} runs into {out_dir}")
+        table.add_column("run")
+        table.add_column("state")
+        table.add_column("overrides", overflow="fold")
+        for r in plan.runs:
+            table.add_row(r.name, r.status + (f" ({r.detail})" if r.detail else ""),
+                          " ".join(o for o in r.overrides if o not in plan.plain))
+        console.print(table)
+        if plan.plain:
+            console.print(f"every run: {' '.join(plan.plain)}")
+        if plan.conflicts:
+            raise SleepzooError(sweep._conflict_message(plan))
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "sweep.json", plan.as_dict())
+    states = {s: sum(r.status == s for r in plan.runs) for s in ("new", "restart", "resume", "done", "busy")}
+    console.print(f"sweep of {recipe}: {len(plan.runs)} runs into {out} ("
+                  + ", ".join(f"{n} {s}" for s, n in states.items() if n) + f"), {jobs} at a time",
+                  soft_wrap=True, markup=False, highlight=False)
+    failures = sweep.run_sweep(plan, jobs=jobs, progress=not no_progress,
+                               echo=lambda line: console.print(line, markup=False, highlight=False))
+    finished = [r.out for r in plan.runs if r.name not in failures and (r.out / "recipe.yaml").is_file()]
+    try:
+        show_comparison(finished, key=plan.compare_key(), metric=metric, bucket=None, out=out / "compare.png",
+                        json_path=out / "compare.json", console=console,
+                        title=f"{Path(recipe).stem}: {metric} by {plan.compare_key()} ({out_dir})")
+    except SleepzooError as exc:
+        if not failures:
+            raise
+        click.echo(f"note: no comparison: {exc}", err=True)  # the failures below are the error to report
+    if failures:
+        listed = "; ".join(f"{name}: {why}" for name, why in failures.items())
+        raise SleepzooError(f"{len(failures)} of {len(plan.runs)} runs failed: {listed}")
+
+
+if __name__ == "__main__":  # `python -m sleepzoo.cli ...` works like the `sleepzoo` script
+    main(prog_name="sleepzoo")

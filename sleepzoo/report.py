@@ -1,4 +1,4 @@
-"""Tables and plots of evaluation results, shared by ``sleepzoo eval``, ``sleepzoo demo`` and comparisons.
+"""Tables and plots of evaluation results, shared by ``sleepzoo eval``, ``demo``, ``compare`` and ``sweep``.
 
 A *row* is one evaluation as the trainer writes it to ``eval.json``: settings (``step``, ``loops``,
 ``window``, ``num_examples``), scalar metrics (``exact_accuracy``, ``loss``, ...), list metrics (``label_accuracy``,
@@ -7,15 +7,26 @@ one value per label) and optionally ``train_time_s`` and ``run`` (its directory)
     rows = [load_eval(d) for d in ["runs/demo/loops1", "runs/demo/loops2"]]
     Console().print(runs_table(rows, key="loops"))
     plot_accuracy(rows, "runs/demo/demo.png", key="loops")
+
+One evaluation with per-bucket metrics (``row["buckets"][name][value] = {loss, token_accuracy, ...}``):
+:func:`buckets_table`, :func:`plot_eval`. Many runs, grouped by a recipe setting and aggregated over seeds:
+
+    results = [load_result(d) for d in find_runs(["runs/repro/rule110-loops"])]
+    comparison = compare_runs(results, key="sleep.loops", metric="exact_accuracy")
+    Console().print(comparison_table(comparison))
+    plot_comparison(comparison, "docs/img/rule110-loops.png")
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
+import yaml
 from rich.table import Table
 
 from .registry import SleepzooError
@@ -23,7 +34,7 @@ from .registry import SleepzooError
 SETTINGS = ("run", "step", "loops", "window", "num_examples")
 # Shown first, in this order, when present; every other metric follows alphabetically.
 HEADLINE = ("exact_accuracy", "label_accuracy", "token_accuracy", "loss")
-HIDDEN = ("num_targets",)
+HIDDEN = ("num_targets", "buckets")  # buckets: see buckets_table
 
 
 def load_eval(run_dir: str | Path, name: str = "eval.json") -> dict[str, Any]:
@@ -120,11 +131,7 @@ def accuracy_series(rows: Sequence[dict]) -> dict[str, list[float]]:
 def plot_accuracy(rows: Sequence[dict], path: str | Path, *, key: str = "loops",
                   title: str | None = None) -> Path:
     """Grouped bar chart of every accuracy metric per value of ``key`` (e.g. sleep loops), saved to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never needs a display
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     series = accuracy_series(rows)
     if not series:
         raise SleepzooError("nothing to plot: the evaluations have no accuracy metric")
@@ -146,3 +153,528 @@ def plot_accuracy(rows: Sequence[dict], path: str | Path, *, key: str = "loops",
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# buckets: metrics per value of a per-example key (Depo's hop count k, GSM-Infinite's op)
+
+BUCKET_METRICS = ("exact_accuracy", "token_accuracy", "loss")
+
+
+def _bucket_order(value: str) -> tuple:
+    """Sort bucket values numerically when they are numbers (``"10"`` after ``"9"``), else as text."""
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
+def sorted_bucket_values(values: Iterable[str]) -> list[str]:
+    return sorted(dict.fromkeys(str(v) for v in values), key=_bucket_order)
+
+
+def _numeric(values: Sequence[Any]) -> list[float] | None:
+    """``values`` as floats when every one is a number (bools are not), else None."""
+    out = []
+    for v in values:
+        if isinstance(v, bool):
+            return None
+        if isinstance(v, (int, float)):
+            out.append(float(v))
+            continue
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            return None
+    return out
+
+
+def buckets_table(result: dict[str, Any], *, title: str | None = None) -> Table | None:
+    """One row per bucket value of every bucket key in ``result["buckets"]``; None when there are none."""
+    buckets = result.get("buckets") or {}
+    if not buckets:
+        return None
+    table = Table(title=title)
+    table.add_column("bucket")
+    for c in (*BUCKET_METRICS, "num_examples"):
+        table.add_column(header(c), justify="right")
+    for name, per_value in buckets.items():
+        for value in sorted_bucket_values(per_value):
+            scores = per_value[value]
+            table.add_row(f"{name}={value}", *(format_value(scores.get(c, "")) for c in BUCKET_METRICS),
+                          format_value(scores.get("num_examples", "")))
+    return table
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_eval(result: dict[str, Any], path: str | Path, *, title: str | None = None) -> Path:
+    """Plot one evaluation: metric vs bucket value when the task has buckets, else its headline metrics.
+
+    With buckets, one panel per bucket key: exact and token accuracy (left axis) and loss (right axis,
+    dashed) against the bucket value. Without, bars of every accuracy metric and of the loss.
+    """
+    plt = _pyplot()
+    buckets = result.get("buckets") or {}
+    if buckets:
+        fig, axes = plt.subplots(1, len(buckets), figsize=(5 * len(buckets), 3.6), squeeze=False)
+        for ax, (name, per_value) in zip(axes[0], buckets.items()):
+            values = sorted_bucket_values(per_value)
+            xs = _numeric(values) or list(range(len(values)))
+            for metric, marker in (("exact_accuracy", "o"), ("token_accuracy", "s")):
+                ys = [per_value[v].get(metric, float("nan")) for v in values]
+                ax.plot(xs, ys, marker=marker, label=header(metric))
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel(name)
+            ax.set_ylabel("accuracy (test)")
+            ax.set_xticks(xs, values)
+            twin = ax.twinx()
+            twin.plot(xs, [per_value[v].get("loss", float("nan")) for v in values], color="tab:red",
+                      linestyle="--", marker="^", label="loss")
+            twin.set_ylabel("loss", color="tab:red")
+            handles = ax.get_legend_handles_labels()
+            more = twin.get_legend_handles_labels()
+            ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize="small", loc="best")
+            ax.set_title(f"per {name}")
+        fig.suptitle(title or "evaluation per bucket")
+        return _save(fig, path)
+    series = {k: v[0] for k, v in accuracy_series([result]).items()}
+    loss = result.get("loss")
+    if not series and not isinstance(loss, (int, float)):
+        raise SleepzooError("nothing to plot: the evaluation has no accuracy metric and no loss")
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 0.6 * len(series), 3.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [max(len(series), 1), 1]})
+    acc, loss_ax = axes[0]
+    acc.bar(range(len(series)), list(series.values()), color="tab:blue")
+    acc.set_xticks(range(len(series)), [header(k) for k in series], rotation=30, ha="right")
+    acc.set_ylim(0, 1)
+    acc.set_ylabel("accuracy (test)")
+    if isinstance(loss, (int, float)):
+        loss_ax.bar([0], [loss], color="tab:red")
+    loss_ax.set_xticks([0], ["loss"])
+    fig.suptitle(title or "evaluation")
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# comparing runs: group by a recipe setting, aggregate over seeds
+
+#: Settings that never make two runs different experiments (how fast or how often, not what).
+BOOKKEEPING = ("train.threads", "train.device", "train.log_every", "train.checkpoint_every",
+               "train.keep_checkpoints", "eval.every", "eval.batch_size")
+#: Row settings and counters that are not metrics.
+NOT_METRICS = ("step", "loops", "window", "num_examples", "num_targets", "train_time_s", "split")
+_MISSING = object()
+
+
+class NoEvaluation(SleepzooError):
+    """A run directory without any evaluation yet (just started, or died before its first)."""
+
+
+@dataclass
+class RunResult:
+    """A run's recipe (as saved, nested) and its newest evaluation row."""
+
+    run: str
+    recipe: dict[str, Any]
+    metrics: dict[str, Any]
+    step: int | None
+    steps: int | None  # train.steps of the recipe
+    source: str  # "eval.json" or "metrics.jsonl" (the newest periodic evaluation of a run not finished)
+
+    @property
+    def finished(self) -> bool:
+        return self.steps is None or (self.step is not None and self.step >= self.steps)
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run directories among ``paths``: a directory with ``recipe.yaml`` is a run; a directory without one
+    stands for the runs directly inside it (``sweep --out DIR``); plain files (plots, JSON) are skipped."""
+    runs: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            continue
+        if not p.exists():
+            raise SleepzooError(f"{str(p)!r} does not exist")
+        if (p / "recipe.yaml").is_file():
+            runs.append(p)
+            continue
+        inner = sorted(c for c in p.iterdir() if c.is_dir() and (c / "recipe.yaml").is_file())
+        if not inner:
+            if {c.name for c in p.iterdir()} <= {"train.log", "train.lock"}:
+                continue  # a sweep's run that has not written its recipe yet
+            raise SleepzooError(f"{str(p)!r} is not a run directory (no recipe.yaml) and holds none")
+        runs.extend(inner)
+    return list(dict.fromkeys(runs))
+
+
+def load_result(run_dir: str | Path) -> RunResult:
+    """The newest evaluation of a run: ``eval.json``, or for a run still training (or stopped early) the
+    newest ``split: test`` line of ``metrics.jsonl`` when it is newer. Raises when there is none yet."""
+    run = Path(run_dir)
+    saved = run / "recipe.yaml"
+    if not saved.is_file():
+        raise SleepzooError(f"{str(run)!r} is not a run directory (no recipe.yaml)")
+    try:
+        recipe = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SleepzooError(f"{str(saved)!r} is not valid YAML: {exc}") from None
+    steps = (recipe.get("train") or {}).get("steps")
+    candidates: list[tuple[int, str, dict]] = []
+    final = run / "eval.json"
+    if final.is_file():
+        row = json.loads(final.read_text())
+        candidates.append((int(row.get("step", -1)), "eval.json", row))
+    log = run / "metrics.jsonl"
+    if log.is_file():
+        for line in reversed(log.read_text().splitlines()):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line being written right now
+                continue
+            if row.get("split") == "test":
+                candidates.append((int(row.get("step", -1)), "metrics.jsonl", row))
+                break
+    if not candidates:
+        raise NoEvaluation(f"{str(run)!r} has no evaluation yet (no eval.json, no eval line in metrics.jsonl)")
+    # The newest step wins; on a tie eval.json (listed first) wins: max keeps the first maximum.
+    step, source, row = max(candidates, key=lambda c: c[0])
+    row = {k: v for k, v in row.items() if k != "split"}
+    return RunResult(run=str(run), recipe=recipe, metrics=row, step=step if step >= 0 else None,
+                     steps=steps, source=source)
+
+
+def flatten_settings(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested recipe mapping as ``{"sleep.loops": 2, "model.layers": [...], ...}`` (leaves only)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten_settings(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _lookup(recipe: dict, key: str) -> Any:
+    node: Any = recipe
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _ident(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def resolve_key(results: Sequence[RunResult], key: str) -> str:
+    """``key`` as a full dotted recipe path: as given, or the one path that ends with ``.key``."""
+    if any(_lookup(r.recipe, key) is not _MISSING for r in results):
+        return key
+    paths = sorted({k for r in results for k in flatten_settings(r.recipe)})
+    ends = [p for p in paths if p.endswith("." + key)]
+    if len(ends) == 1:
+        return ends[0]
+    if len(ends) > 1:
+        raise SleepzooError(f"--key {key!r} is ambiguous: {', '.join(ends)}")
+    import difflib
+
+    close = difflib.get_close_matches(key, paths, n=3, cutoff=0.5)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise SleepzooError(f"--key {key!r}: no run's recipe has that setting{hint}; give a dotted recipe path "
+                        f"such as sleep.loops or task.steps")
+
+
+def varying_settings(results: Sequence[RunResult], exclude: str | None = None) -> list[str]:
+    """Recipe paths whose value differs between runs (bookkeeping and ``exclude`` and below left out)."""
+    flat = [flatten_settings(r.recipe) for r in results]
+    paths = list(dict.fromkeys(k for f in flat for k in f))
+    out = []
+    for p in paths:
+        if p in BOOKKEEPING or (exclude and (p == exclude or p.startswith(exclude + "."))):
+            continue
+        if len({_ident(f.get(p, "(unset)")) for f in flat}) > 1:
+            out.append(p)
+    return out
+
+
+def is_seed(path: str) -> bool:
+    """Seeds (``train.seed``, ``eval.seed``) are aggregated over rather than compared."""
+    return path.rsplit(".", 1)[-1] == "seed"
+
+
+def choose_key(results: Sequence[RunResult], default: str = "sleep.loops") -> str:
+    """``default``, unless it does not vary while exactly one other (non-seed) setting does: then that one."""
+    varying = varying_settings(results)
+    if default not in varying:
+        others = [p for p in varying if not is_seed(p)]
+        if len(others) == 1:
+            return others[0]
+    return default
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for a single value), min, max and n of ``values``."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n}
+
+
+def _scalar_metrics(row: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items()
+            if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _key_order(value: Any) -> tuple:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, _ident(value))
+
+
+def compare_runs(results: Sequence[RunResult], *, key: str = "sleep.loops", metric: str = "exact_accuracy",
+                 bucket: str | None = None) -> dict[str, Any]:
+    """Group runs by the recipe value at ``key`` and aggregate each group over its seeds.
+
+    Runs whose recipes differ in a seed (``train.seed``) are repetitions and are aggregated with
+    :func:`spread`; any other setting that differs (besides ``key`` and :data:`BOOKKEEPING`) splits groups
+    further and is listed in ``"settings"``. Returns a JSON-ready mapping: ``key``, ``metric``, ``bucket``
+    (the bucket key shown, None without buckets), ``settings`` (the other grouping paths), ``seed_keys``,
+    ``groups`` (sorted by key value: ``value``, ``settings``, ``seeds``, ``runs``, ``unfinished``,
+    ``metrics: {name: spread}``, ``buckets: {name: {value: {metric: spread}}}``) and ``runs`` (one row each).
+    """
+    if not results:
+        raise SleepzooError("no runs to compare")
+    key = resolve_key(results, key)
+    missing = [r.run for r in results if _lookup(r.recipe, key) is _MISSING]
+    if missing:
+        raise SleepzooError(f"--key {key}: not set in the recipe of {', '.join(missing)}")
+    varying = varying_settings(results, exclude=key)
+    seed_keys = [p for p in varying if is_seed(p)]
+    others = [p for p in varying if not is_seed(p)]
+
+    available = sorted({m for r in results for m in _scalar_metrics(r.metrics)})
+    if metric not in available:
+        raise SleepzooError(f"--metric {metric!r} is not in the evaluations; available: {', '.join(available)}")
+    bucket_keys = list(dict.fromkeys(b for r in results for b in (r.metrics.get("buckets") or {})))
+    if bucket is not None and bucket not in bucket_keys:
+        have = f"the runs have {', '.join(bucket_keys)}" if bucket_keys else "the task reports no buckets"
+        raise SleepzooError(f"--bucket {bucket!r}: {have}")
+    shown_bucket = bucket or (bucket_keys[0] if bucket_keys else None)
+    if shown_bucket is not None and metric not in BUCKET_METRICS:
+        raise SleepzooError(f"--metric {metric!r} is not reported per bucket; choose one of "
+                            f"{', '.join(BUCKET_METRICS)}")
+
+    groups: dict[tuple, dict[str, Any]] = {}
+    rows = []
+    for r in results:
+        flat = flatten_settings(r.recipe)
+        value = _lookup(r.recipe, key)
+        settings = {p: flat.get(p) for p in others}
+        seeds = {p: flat.get(p) for p in seed_keys}
+        ident = (_ident(value), tuple(_ident(settings[p]) for p in others))
+        g = groups.setdefault(ident, {"value": value, "settings": settings, "seeds": [], "runs": [],
+                                      "unfinished": [], "_rows": []})
+        g["seeds"].append(seeds[seed_keys[0]] if len(seed_keys) == 1 else seeds)
+        g["runs"].append(r.run)
+        if not r.finished:
+            g["unfinished"].append(r.run)
+        g["_rows"].append(r.metrics)
+        rows.append({"run": r.run, "value": value, "settings": settings, "seeds": seeds, "step": r.step,
+                     "steps": r.steps, "finished": r.finished, "source": r.source,
+                     "metrics": _scalar_metrics(r.metrics)})
+
+    for g in groups.values():
+        members = g.pop("_rows")
+        per_metric: dict[str, list[float]] = {}
+        for m in members:
+            for name, v in _scalar_metrics(m).items():
+                per_metric.setdefault(name, []).append(v)
+        g["metrics"] = {name: spread(vs) for name, vs in sorted(per_metric.items())}
+        g["buckets"] = {}
+        for bname in bucket_keys:
+            collected: dict[str, dict[str, list[float]]] = {}
+            for m in members:
+                for bvalue, scores in ((m.get("buckets") or {}).get(bname) or {}).items():
+                    for name in BUCKET_METRICS:
+                        if isinstance(scores.get(name), (int, float)):
+                            collected.setdefault(str(bvalue), {}).setdefault(name, []).append(float(scores[name]))
+            g["buckets"][bname] = {bv: {name: spread(vs) for name, vs in collected[bv].items()}
+                                   for bv in sorted_bucket_values(collected)}
+    ordered = sorted(groups.values(), key=lambda g: (_key_order(g["value"]),
+                                                    [_key_order(g["settings"][p]) for p in others]))
+    return {"key": key, "metric": metric, "bucket": shown_bucket, "settings": others, "seed_keys": seed_keys,
+            "groups": ordered, "runs": rows}
+
+
+def _cell(stats: dict[str, Any] | None, spread_too: bool = True) -> str:
+    """``mean ±std`` (the space lets a narrow table wrap the cell there), the mean alone for one run."""
+    if not stats:
+        return "-"
+    if stats["n"] == 1 or not spread_too:
+        return f"{stats['mean']:.3f}"
+    return f"{stats['mean']:.3f} ±{stats['std']:.3f}"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return format_value(value)
+
+
+def comparison_table(comparison: dict[str, Any], *, title: str | None = None) -> Table:
+    """One row per group: key value, other settings, run count (``*``: with unfinished runs) and seeds, then
+
+    * with buckets: the metric over all examples and per bucket value, as mean ±std over seeds;
+    * without: the metric as mean ±std and min..max, then the other headline metrics (means).
+    """
+    key, metric, bucket = comparison["key"], comparison["metric"], comparison["bucket"]
+    groups = comparison["groups"]
+    table = Table(title=title or f"{metric} by {key}" + (f" and {bucket}" if bucket else ""))
+    table.add_column(key, justify="right", min_width=len(key))
+    for p in comparison["settings"]:
+        table.add_column(p, justify="right", min_width=len(p))
+    table.add_column("n", justify="right", no_wrap=True)
+    if comparison["seed_keys"]:
+        table.add_column("seeds", justify="right")
+    if bucket:
+        values = sorted_bucket_values(v for g in groups for v in g["buckets"].get(bucket, {}))
+        table.add_column(f"{header(metric)} (all)", justify="right")
+        for v in values:
+            table.add_column(f"{bucket}={v}", justify="right")
+        notes = [f"mean ±std over {', '.join(comparison['seed_keys'])}"] if comparison["seed_keys"] else []
+    else:
+        others = [m for m in ("exact_accuracy", "token_accuracy", "loss")
+                  if m != metric and any(m in g["metrics"] for g in groups)]
+        table.add_column(header(metric), justify="right")
+        table.add_column("min..max", justify="right", no_wrap=True)
+        for m in others:
+            table.add_column(header(m), justify="right")
+        notes = ([f"{header(metric)}: mean ±std over {', '.join(comparison['seed_keys'])}"]
+                 if comparison["seed_keys"] else []) + (["other metrics: means"] if others else [])
+    for g in groups:
+        n = len(g["runs"])
+        cells = [_show(g["value"]), *(_show(g["settings"][p]) for p in comparison["settings"]),
+                 f"{n}{'*' if g['unfinished'] else ''}"]
+        if comparison["seed_keys"]:
+            cells.append(",".join(_show(s) for s in g["seeds"]))
+        if bucket:
+            per = g["buckets"].get(bucket, {})
+            cells.append(_cell(g["metrics"].get(metric)))
+            cells.extend(_cell(per.get(v, {}).get(metric)) for v in values)
+        else:
+            s = g["metrics"].get(metric)
+            cells.append(_cell(s))
+            cells.append(f"{s['min']:.3f}..{s['max']:.3f}" if s else "-")
+            cells.extend(_cell(g["metrics"].get(m), spread_too=False) for m in others)
+        table.add_row(*cells)
+    if any(g["unfinished"] for g in groups):
+        notes.append("* includes runs not finished: their newest periodic evaluation")
+    if notes:
+        table.caption = "; ".join(notes)
+    return table
+
+
+def _label(comparison: dict[str, Any], group: dict[str, Any], with_key: bool = True) -> str:
+    parts = [f"{comparison['key'].rsplit('.', 1)[-1]}={_show(group['value'])}"] if with_key else []
+    parts += [f"{p.rsplit('.', 1)[-1]}={_show(group['settings'][p])}" for p in comparison["settings"]]
+    label = ", ".join(parts) or "runs"
+    n, unfinished = len(group["runs"]), len(group["unfinished"])
+    return f"{label} (n={n}{f', {unfinished} unfinished' if unfinished else ''})"
+
+
+def plot_comparison(comparison: dict[str, Any], path: str | Path, *, title: str | None = None) -> Path:
+    """With buckets: the metric against the bucket value, one line per group, coloured by key value (e.g. the
+    loop count). Without: the metric against the key value, one line per combination of other settings.
+    Error bars: standard deviation over seeds; the shaded band: min to max."""
+    plt = _pyplot()
+    key, metric, bucket = comparison["key"], comparison["metric"], comparison["bucket"]
+    groups = comparison["groups"]
+    key_values = list(dict.fromkeys(_ident(g["value"]) for g in groups))
+    cmap = plt.get_cmap("viridis")
+
+    def colour(g: dict) -> Any:
+        i = key_values.index(_ident(g["value"]))
+        return cmap(0.85 * i / max(len(key_values) - 1, 1))
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    styles = ["-", "--", ":", "-."]
+    if bucket:
+        values = sorted_bucket_values(v for g in groups for v in g["buckets"].get(bucket, {}))
+        numeric = _numeric(values)
+        xs_all = numeric or list(range(len(values)))
+        setting_combos = list(dict.fromkeys(_ident(g["settings"]) for g in groups))
+        for g in groups:
+            per = g["buckets"].get(bucket, {})
+            pts = [(x, per[v][metric]) for x, v in zip(xs_all, values) if metric in per.get(v, {})]
+            if not pts:
+                continue
+            xs, st = [p[0] for p in pts], [p[1] for p in pts]
+            c = colour(g)
+            style = styles[setting_combos.index(_ident(g["settings"])) % len(styles)]
+            ax.errorbar(xs, [s["mean"] for s in st], yerr=[s["std"] for s in st], color=c, marker="o",
+                        capsize=3, linestyle=style, label=_label(comparison, g),
+                        markerfacecolor="none" if g["unfinished"] else c)
+            ax.fill_between(xs, [s["min"] for s in st], [s["max"] for s in st], color=c, alpha=0.12)
+        ax.set_xticks(xs_all, values)
+        ax.set_xlabel(bucket)
+    else:
+        combos: dict[str, list[dict]] = {}
+        for g in groups:
+            combos.setdefault(_ident(g["settings"]), []).append(g)
+        numeric = _numeric([g["value"] for g in groups])
+        labels = list(dict.fromkeys(_show(g["value"]) for g in groups))
+        for j, members in enumerate(combos.values()):
+            xs = [float(g["value"]) for g in members] if numeric is not None else \
+                [labels.index(_show(g["value"])) for g in members]
+            st = [g["metrics"].get(metric) for g in members]
+            keep = [(x, s, g) for x, s, g in zip(xs, st, members) if s]
+            if not keep:
+                continue
+            xs, st, members = [k[0] for k in keep], [k[1] for k in keep], [k[2] for k in keep]
+            c = cmap(0.85 * j / max(len(combos) - 1, 1))
+            label = _label(comparison, {**members[0], "runs": [r for g in members for r in g["runs"]],
+                                        "unfinished": [u for g in members for u in g["unfinished"]]},
+                           with_key=False)
+            ax.errorbar(xs, [s["mean"] for s in st], yerr=[s["std"] for s in st], color=c, marker="o",
+                        capsize=3, linestyle=styles[j % len(styles)], label=label)
+            ax.fill_between(xs, [s["min"] for s in st], [s["max"] for s in st], color=c, alpha=0.12)
+            for x, s, g in zip(xs, st, members):
+                if g["unfinished"]:  # hollow marker: not finished yet
+                    ax.plot([x], [s["mean"]], marker="o", markersize=10, markerfacecolor="none", color=c)
+        if numeric is None:
+            ax.set_xticks(range(len(labels)), labels)
+        else:
+            ticks = sorted(set(numeric))
+            if len(ticks) > 1 and ticks[0] > 0 and ticks[-1] / ticks[0] >= 8:
+                ax.set_xscale("log", base=2)  # loop counts 1, 2, 4, 8, 16 are evenly spaced
+            ax.set_xticks(ticks, [format_value(int(v) if v.is_integer() else v) for v in ticks])
+            ax.minorticks_off()
+        ax.set_xlabel(key)
+    ax.set_ylabel(f"{metric} (test)")
+    if metric.endswith("accuracy"):
+        ax.set_ylim(-0.02, 1.05)
+    ax.set_title(title or f"{metric} by {key}" + (f" per {bucket}" if bucket else "")
+                 + (f" (mean ± std over {', '.join(comparison['seed_keys'])})" if comparison["seed_keys"] else ""),
+                 fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    return _save(fig, path)
