@@ -35,7 +35,7 @@ from . import registry, report, sweep
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import Recipe, RecipeError, apply_overrides, check_kwargs, load_recipe
 from .registry import SleepzooError
-from .train import evaluate_run, jsonable, train
+from .train import evaluate_run, jsonable, load_run, train
 
 USAGE_ERROR = 2
 
@@ -122,6 +122,52 @@ def eval_command(run_dir: str, num_examples: int | None, loops: int | None, wind
     png = report.plot_eval(result, path.with_suffix(".png"),
                            title=f"{Path(run_dir).name}: step {result.get('step')}, loops {result.get('loops')}")
     console.print(f"wrote {path} and {png}")
+
+
+@main.command("generate")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--prompt", help="Space-separated tokens of the task's vocabulary [default: test examples, cut "
+                               "just before their first answer].")
+@click.option("-n", "num_prompts", type=int, default=2, show_default=True, help="Test examples to prompt with.")
+@click.option("--max-new-tokens", type=int, default=8, show_default=True)
+@click.option("--loops", type=int, help="Sleep passes per window [default: the recipe's sleep.loops].")
+@click.option("--window", type=int, help="Window length L [default: the recipe's sleep.window].")
+@click.option("--eviction", help="Eviction policy [default: the recipe's sleep.eviction].")
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int)
+@click.option("--seed", type=int, default=0, show_default=True, help="Test examples and sampling seed.")
+def generate_command(run_dir: str, prompt: str | None, num_prompts: int, max_new_tokens: int, loops: int | None,
+                     window: int | None, eviction: str | None, sample: bool, temperature: float,
+                     top_k: int | None, seed: int) -> None:
+    """Stream a prompt through RUN_DIR's model and continue it token by token, sleeping whenever the
+    window fills (the memory in use stays bounded by the window and the fast weights)."""
+    _, model, task, step = load_run(run_dir)
+    if prompt is not None:
+        index = {tok: i for i, tok in enumerate(task.vocab)}
+        unknown = [tok for tok in prompt.split() if tok not in index]
+        if unknown:
+            raise SleepzooError(f"--prompt: {', '.join(map(repr, unknown))} not in the task's vocabulary "
+                                f"(e.g. {', '.join(task.vocab[:12])}); `sleepzoo task show` prints examples")
+        prompts = [(torch.tensor([[index[tok] for tok in prompt.split()]]), None)]
+    else:
+        data = task.generate(num_prompts, seed, "test")
+        prompts = []
+        for ids, tgt in zip(data["input_ids"], data["targets"]):
+            first = int((tgt != -100).nonzero()[0]) if (tgt != -100).any() else ids.numel() - 1
+            prompts.append((ids[None, :first + 1], int(tgt[first]) if (tgt != -100).any() else None))
+    generator = torch.Generator().manual_seed(seed)
+    click.echo(f"{run_dir} (step {step}): loops {loops or model.sleep.loops}, window {window or model.sleep.window}, "
+               f"eviction {eviction or model.sleep.eviction}")
+    for ids, expected in prompts:
+        out = model.generate(ids, max_new_tokens, window=window, loops=loops, eviction=eviction, do_sample=sample,
+                             temperature=temperature, top_k=top_k, generator=generator)
+        new = out[0, ids.shape[1]:].tolist()
+        click.echo(f"prompt ({ids.shape[1]} tokens): {task.decode(ids[0].tolist())}")
+        line = " ".join(task.vocab[i] for i in new)
+        if expected is not None:
+            line += f"   (expected first token: {task.vocab[expected]})"
+        click.echo(f"  -> {line}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -201,3 +201,26 @@ def test_recipe_sleep_every_checks():
     with pytest.raises(sleepzoo.RecipeError, match="sliding_window"):
         sleepzoo.load_recipe(base, ["sleep.sleep_every=2", "sleep.eviction=full_flush"])
     assert sleepzoo.load_recipe(base, ["sleep.sleep_every=2"]).sleep.sleep_every == 2
+
+
+def test_generate_command_streams_a_trained_run(tmp_path):
+    from click.testing import CliRunner
+
+    from sleepzoo.cli import main
+    from sleepzoo.train import train
+
+    recipe = sleepzoo.load_recipe({
+        "model": {"d_model": 16, "layers": ["attention", "gated_deltanet"],
+                  "mixers": {"attention": {"num_heads": 2}, "gated_deltanet": {"num_heads": 2, "head_dim": 8}}},
+        "sleep": {"window": 8, "loops": 2},
+        "task": {"name": "rule110", "steps": 0, "states": 2, "bits": 8},
+        "train": {"steps": 2, "batch_size": 4, "log_every": 1},
+        "eval": {"every": 0, "num_examples": 8},
+    })
+    train(recipe, tmp_path / "run", progress=False)
+    runner = CliRunner()
+    result = runner.invoke(main, ["generate", str(tmp_path / "run"), "-n", "2", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("->") == 2 and "loops 2, window 8" in result.output
+    result = runner.invoke(main, ["generate", str(tmp_path / "run"), "--prompt", "0 1 Q9"])
+    assert result.exit_code == 2 and "'Q9' not in the task's vocabulary" in result.output
