@@ -191,8 +191,8 @@ def get(kind: str, name: str) -> Any:
         else:
             err = MissingDependencyError(
                 f"{kind} {name!r} (from distribution {provider!r}, {ep.value}) needs the package {missing!r}, "
-                f"which is not installed. Install it (for sleepzoo's accelerated back ends: "
-                f"pip install 'sleepzoo[gpu]'), or choose another {kind}: {', '.join(names(kind))}."
+                f"which is not installed. Install it (pip install {missing.split('.')[0].replace('_', '-')}; "
+                f"accelerated back ends run on CUDA only), or choose another {kind}: {', '.join(names(kind))}."
             )
         _failed[key] = err
         raise err from exc

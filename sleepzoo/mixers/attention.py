@@ -2,17 +2,26 @@
 
 Attention back ends are plugins of kind ``attention``: a function
 ``backend(q, k, v, *, causal, window, scale) -> o`` with q (B, H, T, D), k and v (B, Hkv, S, D), S >= T, the
-queries being the last T keys' positions, o (B, H, T, D). ``sdpa`` is the reference; accelerated ones
-(flash-attn, xformers) come as plugins.
+queries being the last T keys' positions, o (B, H, T, D). ``sdpa`` is the reference and runs everywhere; ``flex``
+(torch's flex attention) is built in; flash-attn and xformers come as plugins.
+
+A back end that can not run on some inputs (wrong device, dtype or head size; no backward) may say so with an
+attribute ``backend.unsupported(q, k, v, *, window) -> str | None``: the reason, or ``None`` when it can run.
+:func:`attend` asks before every call (the check is cheap) and runs ``sdpa`` instead when there is a reason,
+announcing it once per (back end, reason) with a :class:`sleepzoo.backends.BackendFallbackWarning`.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import registry
+from .. import backends, registry
 from ..registry import SleepzooError
 from . import MixerState
 
@@ -48,6 +57,68 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, wind
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: int | None = None,
+                   scale: float | None = None) -> Tensor:
+    """torch's ``flex_attention`` with a block mask: causal, at most ``window`` keys, queries bottom-right aligned.
+
+    Same contract as :func:`sdpa_attention`; GQA through ``enable_gqa`` (query head h reads K/V head
+    ``h // (H / Hkv)``, as ``repeat_interleave`` does). Compiled on CUDA, eager elsewhere. Where it can not run
+    (e.g. backward on the CPU in some torch versions) ``flex_attention.unsupported`` says why, found by a tiny
+    trial call (:func:`sleepzoo.backends.flex_attention_problem`), and :func:`attend` runs ``sdpa`` instead.
+    """
+    T, S = q.shape[2], k.shape[2]
+    block_mask = _flex_block_mask(T, S, window, q.device) if causal else None
+    run = backends.flex_attention_callable(q.device.type)
+    enable_gqa = q.shape[1] != k.shape[1]
+    if q.device.type == "cuda":
+        return run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    with warnings.catch_warnings():  # the eager path is the intended one off CUDA: no advice to compile it
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+@functools.lru_cache(maxsize=64)
+def _flex_block_mask(q_len: int, k_len: int, window: int | None, device: torch.device):
+    """The :func:`attention_mask` pattern as a flex ``BlockMask`` (cached: building one costs a vmap).
+
+    The offset and window are captured as tensors, not Python numbers, so that a compiled flex attention
+    sees the same ``mask_mod`` code with new tensor values, rather than a new function to recompile, as the
+    cache grows during decoding.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = torch.tensor(k_len - q_len, device=device)
+    span = torch.tensor(k_len if window is None else window, device=device)
+
+    def bottom_right_window(b, h, q_idx, kv_idx):
+        q_pos = q_idx + offset
+        return (kv_idx <= q_pos) & (kv_idx > q_pos - span)
+
+    return create_block_mask(bottom_right_window, None, None, q_len, k_len, device=device)
+
+
+def _flex_unsupported(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None) -> str | None:
+    return backends.flex_attention_problem(q.device.type, q.dtype, q.shape[-1], backends.needs_grad(q, k, v))
+
+
+flex_attention.unsupported = _flex_unsupported
+
+
+def attend(backend: Callable, name: str, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
+           window: int | None = None, scale: float | None = None) -> Tensor:
+    """``backend(q, k, v, ...)``, or :func:`sdpa_attention` when ``backend.unsupported`` gives a reason.
+
+    ``name`` is the back end's registered name, used in the fallback warning (once per name and reason).
+    """
+    unsupported = getattr(backend, "unsupported", None)
+    if unsupported is not None:
+        reason = unsupported(q, k, v, window=window)
+        if reason is not None:
+            backends.warn_fallback(f"attention back end {name!r}", reason, "'sdpa'")
+            backend = sdpa_attention
+    return backend(q, k, v, causal=causal, window=window, scale=scale)
+
+
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin tables (T, head_dim) for rotary embeddings in the half-split (Llama/Qwen) layout."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
@@ -79,7 +150,8 @@ class Attention(nn.Module):
         qkv_bias: biases on q/k/v projections, as in Qwen2 (default False).
         window: sliding-window attention: each query sees its ``window`` most recent tokens (default None:
             all tokens in the cache). The engine's sliding-window eviction narrows it further to ``span``.
-        backend: name of an ``attention`` plugin (default "sdpa").
+        backend: name of an ``attention`` plugin (default "sdpa"); where it can not run on the inputs it gets
+            (see :func:`attend`), ``sdpa`` runs instead, announced once.
         layer_idx: position in the stack (for messages).
     """
 
@@ -127,7 +199,8 @@ class Attention(nn.Module):
             k = torch.cat([state["k"], k], dim=2)  # (B, Hkv, S, D)
             v = torch.cat([state["v"], v], dim=2)
         window = self.window if span is None else span if self.window is None else min(span, self.window)
-        o = self.backend(q, k, v, causal=True, window=window, scale=self.head_dim ** -0.5)  # (B, H, T, D)
+        o = attend(self.backend, self.backend_name, q, k, v, causal=True, window=window,
+                   scale=self.head_dim ** -0.5)  # (B, H, T, D)
         o = o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(o), {"k": k, "v": v, "offset": offset + T}
 
