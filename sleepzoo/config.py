@@ -1,13 +1,29 @@
 """Recipes: YAML files that say which model, sleep schedule, task, training and evaluation to run.
 
-A recipe has five sections, each a dataclass below. Plugin-specific settings (a mixer's heads, a task's
-options) are free-form mappings that are checked against the plugin's constructor signature, so a typo
-fails at ``sleepzoo recipe validate`` time with the file, the field, the value and the allowed names,
-before any compute is spent.
+A recipe has five sections, each a dataclass below, and optionally a list of training ``stages``.
+Plugin-specific settings (a mixer's heads, a task's options) are free-form mappings that are checked against
+the plugin's constructor signature, so a typo fails at ``sleepzoo recipe validate`` time with the file, the
+field, the value and the allowed names, before any compute is spent.
 
     recipe = load_recipe("recipes/rule110-tiny.yaml", overrides=["sleep.loops=2", "train.steps=50"])
 
-Override values are parsed as YAML (``model.layers=[attention,attention]`` gives a list).
+Override values are parsed as YAML (``model.layers=[attention,attention]`` gives a list). A list element is
+addressed by its index or, for stages, by its name: ``stages.warmup.steps=20``, ``stages.1.sleep.loops=2``.
+
+Stages (SPEC 1, sliding-window variant: warm up the SSM layers first, then train everything)::
+
+    stages:
+      - name: warmup
+        steps: 100
+        sleep: {eviction: full_flush}                 # overrides of the top-level sleep section
+        train: {trainable: ["mixer:gated_deltanet"]}  # overrides of the top-level train section
+      - name: main
+        steps: 200
+
+A stage's ``sleep`` and ``train`` override the top-level sections (not the previous stage's), so a
+top-level override such as ``sleep.loops=2`` reaches every stage that does not set loops itself. Stages
+may not change the model or the task, nor the run-wide train settings (:data:`RUN_WIDE_TRAIN`). With
+stages, ``train.steps`` is their total: leave it out, or give exactly that number.
 """
 
 from __future__ import annotations
@@ -90,6 +106,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "cpu"
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    # Parameters to train, as fnmatch globs over parameter names ("model.layers.1.*") or "mixer:NAME" (every
+    # parameter of every layer whose mixer is NAME, e.g. mixer:gated_deltanet). None trains everything;
+    # the rest are frozen (requires_grad False) and left out of the optimizers.
+    trainable: list[str] | None = None
 
 
 @dataclass
@@ -103,24 +123,67 @@ class EvalConfig:
 
 
 @dataclass
+class StageConfig:
+    """One entry of ``stages:``: ``steps`` updates with its own optimizers and warmup-stable-decay schedule.
+
+    ``sleep`` and ``train`` hold only the settings the stage changes (validated, typed); the stage's full
+    settings are :meth:`Recipe.stage_recipes`.
+    """
+
+    name: str
+    steps: int
+    sleep: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"name": self.name, "steps": self.steps}
+        if self.sleep:
+            out["sleep"] = copy.deepcopy(self.sleep)
+        if self.train:
+            out["train"] = copy.deepcopy(self.train)
+        return out
+
+
+# Train settings that belong to the run, not to a stage: the data order and model init (seed), the step
+# count (a stage has its own), and bookkeeping that indexes global steps.
+RUN_WIDE_TRAIN = ("steps", "seed", "log_every", "checkpoint_every", "keep_checkpoints", "device", "threads")
+STAGE_KEYS = ("name", "steps", "sleep", "train")
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     sleep: SleepConfig = field(default_factory=SleepConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # empty: one implicit stage of train.steps
     source: str = field(default="<dict>", compare=False)  # where it came from, for error messages
 
     def to_dict(self) -> dict:
-        out = {}
+        out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if f.name == "source":
+            if f.name in ("source", "stages"):
                 continue
             section = dataclasses.asdict(getattr(self, f.name))
             if f.name == "task":
                 section = {"name": section["name"], **section["options"]}
+            if f.name == "train" and section["trainable"] is None:
+                del section["trainable"]  # recipes that do not freeze anything read as they always have
             out[f.name] = section
+        if self.stages:
+            out["stages"] = [stage.to_dict() for stage in self.stages]
         return out
+
+    def stage_recipes(self) -> list[tuple[str | None, "Recipe"]]:
+        """``[(stage name, the recipe that stage trains with)]``; ``[(None, self)]`` without stages.
+
+        A stage's recipe is this one with the stage's sleep and train settings applied, ``train.steps`` set
+        to the stage's steps, and no stages of its own.
+        """
+        if not self.stages:
+            return [(None, self)]
+        return [(stage.name, _resolve_stage(self, stage)) for stage in self.stages]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -133,6 +196,13 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
 }
+TOP_LEVEL = (*SECTIONS, "stages")
+
+
+def _resolve_stage(recipe: Recipe, stage: StageConfig) -> Recipe:
+    sleep = dataclasses.replace(recipe.sleep, **copy.deepcopy(stage.sleep))
+    train = dataclasses.replace(recipe.train, **{**copy.deepcopy(stage.train), "steps": stage.steps})
+    return dataclasses.replace(recipe, sleep=sleep, train=train, stages=[])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -224,15 +294,12 @@ def check_kwargs(fn: Any, kwargs: dict, where: str, skip: Sequence[str] = ()) ->
     return out
 
 
-def _build_section(cls: type, data: Any, where: str) -> Any:
+def _section_settings(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """The settings of a section mapping, names checked against ``cls``'s fields and values typed."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: expected a mapping of settings, got {type(data).__name__} {data!r}")
-    if cls is TaskConfig:
-        data = dict(data)
-        name = data.pop("name", TaskConfig.name)
-        return TaskConfig(name=coerce(name, str, f"{where}.name"), options=data)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -240,7 +307,63 @@ def _build_section(cls: type, data: Any, where: str) -> Any:
         if key not in names:
             raise _unknown_key(where, key, names)
         kwargs[key] = coerce(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
+    return kwargs
+
+
+def _build_section(cls: type, data: Any, where: str) -> Any:
+    if cls is TaskConfig:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise RecipeError(f"{where}: expected a mapping of settings, got {type(data).__name__} {data!r}")
+        data = dict(data)
+        name = data.pop("name", TaskConfig.name)
+        return TaskConfig(name=coerce(name, str, f"{where}.name"), options=data)
+    return cls(**_section_settings(cls, data, where))
+
+
+def _build_stages(data: Any, source: str) -> list[StageConfig]:
+    """Check the ``stages:`` list: keys, types, unique names; ranges are checked on each stage's recipe."""
+    if not isinstance(data, list) or not data:
+        raise RecipeError(f"{source}: stages: expected a non-empty list of stages, each "
+                          f"{{name: ..., steps: ..., sleep: {{...}}, train: {{...}}}}, got {data!r} "
+                          f"(leave stages out to train in one stage)")
+    stages: list[StageConfig] = []
+    for i, item in enumerate(data):
+        where = f"{source}: stages[{i}]"
+        if not isinstance(item, dict):
+            raise RecipeError(f"{where}: expected a mapping with keys {', '.join(STAGE_KEYS)}, "
+                              f"got {type(item).__name__} {item!r}")
+        for key in item:
+            if key in ("model", "task"):
+                raise RecipeError(f"{where}.{key}: a stage may not change the model or the task (the weights "
+                                  f"and the data carry over from stage to stage); a stage sets only "
+                                  f"{', '.join(STAGE_KEYS)}")
+            if key not in STAGE_KEYS:
+                raise _unknown_key(where, str(key), STAGE_KEYS)
+        for key in ("name", "steps"):
+            if key not in item:
+                raise RecipeError(f"{where}: {key} is missing; every stage needs a name and a number of steps")
+        name = coerce(item["name"], str, f"{where}.name")
+        if not name.strip():
+            raise RecipeError(f"{where}.name: {name!r} is not allowed; give the stage a name")
+        where = f"{source}: stages[{i}] ({name})"
+        if name in [s.name for s in stages]:
+            raise RecipeError(f"{where}.name: {name!r} is the name of an earlier stage; stage names must differ")
+        steps = coerce(item["steps"], int, f"{where}.steps")
+        if steps < 1:
+            raise RecipeError(f"{where}.steps: {steps!r} is not allowed; a stage must train for >= 1 step")
+        sleep = _section_settings(SleepConfig, item.get("sleep"), f"{where}.sleep")
+        train = _section_settings(TrainConfig, item.get("train"), f"{where}.train")
+        for key in train:
+            if key in RUN_WIDE_TRAIN:
+                why = ("a stage's length is its own steps" if key == "steps" else
+                       "it is a run-wide setting; set it in the top-level train section")
+                allowed = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUN_WIDE_TRAIN]
+                raise RecipeError(f"{where}.train.{key}: a stage may not set it: {why}. A stage's train may "
+                                  f"set {', '.join(allowed)}")
+        stages.append(StageConfig(name=name, steps=steps, sleep=sleep, train=train))
+    return stages
 
 
 def _check_values(r: Recipe, where: str) -> None:
@@ -270,6 +393,11 @@ def _check_values(r: Recipe, where: str) -> None:
     need(r.eval.batch_size >= 1, "eval.batch_size", r.eval.batch_size, "must be >= 1")
     need(r.eval.every >= 0, "eval.every", r.eval.every, "must be >= 0 (0 = only at the end)")
     need(r.eval.num_examples >= 1, "eval.num_examples", r.eval.num_examples, "must be >= 1")
+    need(r.train.trainable is None or len(r.train.trainable) >= 1, "train.trainable", r.train.trainable,
+         "give at least one pattern (null trains every parameter)")
+    for pattern in r.train.trainable or ():
+        need(bool(pattern.strip()) and pattern.strip() != "mixer:", "train.trainable", pattern,
+             "give a glob over parameter names (model.layers.1.*) or mixer:NAME (mixer:gated_deltanet)")
     n = len(r.model.layers)
     lo = 0 if r.model.loop_start is None else r.model.loop_start
     hi = n if r.model.loop_end is None else r.model.loop_end
@@ -283,15 +411,30 @@ def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a mapping with sections {', '.join(SECTIONS)}")
-    sections = {}
+    sections: dict[str, Any] = {}
     for key, value in data.items():
-        if key not in SECTIONS:
-            close = difflib.get_close_matches(str(key), list(SECTIONS), n=1, cutoff=0.6)
+        if key not in TOP_LEVEL:
+            close = difflib.get_close_matches(str(key), list(TOP_LEVEL), n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RecipeError(f"{source}: {key}: unknown section{hint}; allowed sections: {', '.join(SECTIONS)}")
+            raise RecipeError(f"{source}: {key}: unknown section{hint}; allowed sections: {', '.join(TOP_LEVEL)}")
+        if key == "stages":
+            if value is not None:
+                sections["stages"] = _build_stages(value, source)
+            continue
         sections[key] = _build_section(SECTIONS[key], value, f"{source}: {key}")
     recipe = Recipe(**sections, source=source)
     _check_values(recipe, source)
+    if recipe.stages:
+        total = sum(stage.steps for stage in recipe.stages)
+        given = data.get("train") or {}
+        if isinstance(given, dict) and "steps" in given and recipe.train.steps != total:
+            parts = " + ".join(f"{s.name} {s.steps}" for s in recipe.stages)
+            raise RecipeError(f"{source}: train.steps: {recipe.train.steps} but the stages add up to {total} "
+                              f"({parts}); with stages, train.steps is their total: leave it out or give "
+                              f"{total}, and change the stages' steps instead")
+        recipe.train.steps = total
+        for i, (name, staged) in enumerate(recipe.stage_recipes()):
+            _check_values(staged, f"{source}: stages[{i}] ({name})")
     return recipe
 
 
@@ -309,16 +452,34 @@ def apply_overrides(data: dict, overrides: Sequence[str], source: str) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise RecipeError(f"{source}: override {item!r}: value is not valid YAML ({exc.problem})") from None
-        node = data
+        node: Any = data
         for i, k in enumerate(keys[:-1]):
-            nxt = node.get(k)
-            if nxt is None:
-                nxt = node[k] = {}
-            if not isinstance(nxt, dict):
+            if isinstance(node, list):
+                nxt = node[_list_index(node, k, keys[:i], item, source)]
+            else:
+                nxt = node.get(k)
+                if nxt is None:
+                    nxt = node[k] = {}
+            if not isinstance(nxt, (dict, list)):
                 raise RecipeError(f"{source}: override {item!r}: {'.'.join(keys[:i + 1])} is {nxt!r}, not a section")
             node = nxt
-        node[keys[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, keys[-1], keys[:-1], item, source)] = value
+        else:
+            node[keys[-1]] = value
     return data
+
+
+def _list_index(items: list, key: str, path: Sequence[str], item: str, source: str) -> int:
+    """The position in a list (e.g. ``stages``) that an override key names: an index, or an element's name."""
+    names = [x.get("name") if isinstance(x, dict) else None for x in items]
+    if key.lstrip("-").isdigit() and -len(items) <= int(key) < len(items):
+        return int(key)
+    if key in names:
+        return names.index(key)
+    shown = ", ".join(str(n) for n in names if n is not None)
+    raise RecipeError(f"{source}: override {item!r}: {'.'.join(path)} has no element {key!r}; give an index "
+                      f"0..{len(items) - 1}" + (f" or a name ({shown})" if shown else ""))
 
 
 def load_recipe(path: str | Path | dict, overrides: Sequence[str] = ()) -> Recipe:

@@ -17,10 +17,19 @@ Determinism (SPEC 4, "every N sees the same data order"): torch is seeded with `
 model is built, and the batch for step i is ``task.generate(batch_size, seed=batch_seed(train.seed, i))``.
 So runs that differ only in ``sleep.loops`` see identical batches, and a resumed run sees exactly the
 batches, RNG draws and optimizer states the uninterrupted run would have.
+
+Stages (``stages:`` in the recipe, see sleepzoo.config) run in order on the same model. Each stage freezes
+what its ``train.trainable`` leaves out, builds its own optimizers over the rest and its own warmup-stable-
+decay schedule over its steps, and hands its ``sleep`` section to the model (``model.sleep``, which the
+forward pass and the task's evaluation default to). Steps are counted globally (data order, log and
+checkpoint names); each stage ends with an evaluation and a checkpoint; log lines carry ``"stage"``;
+checkpoints record the stage and the step within it, so ``--resume`` continues inside any stage exactly.
 """
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import hashlib
 import json
 import math
@@ -38,7 +47,9 @@ import sleepzoo
 
 from .checkpoint import (atomic_write_json, atomic_write_text, capture_rng, latest_checkpoint, load_checkpoint,
                          load_weights, read_metadata, restore_rng, save_checkpoint, save_weights)
-from .config import Recipe, TrainConfig, load_recipe
+from . import registry
+from .build import check_fit
+from .config import Recipe, RecipeError, TrainConfig, load_recipe
 from .registry import SleepzooError
 from .report import HEADLINE, format_value
 
@@ -107,6 +118,73 @@ def split_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
         if p.requires_grad:
             groups["muon" if p.ndim == 2 and id(p) not in io_params else "adamw"].append((name, p))
     return groups
+
+
+def _layer_mixers(model: nn.Module, layer_names: list[str] | None) -> list[tuple[str, nn.Module]]:
+    """``(registered mixer name, mixer)`` for every block: ``block.self_attn`` of ``model.model.layers``
+    (or ``model.layers``). Names come from the recipe's ``model.layers`` when it has one per block, else
+    from the registry: the names whose class is exactly the mixer's."""
+    blocks = getattr(getattr(model, "model", None), "layers", None)
+    if blocks is None:
+        blocks = getattr(model, "layers", None)
+    if not isinstance(blocks, nn.ModuleList):
+        return []
+    mixers = [getattr(block, "self_attn", None) for block in blocks]
+    if layer_names is not None and len(layer_names) == len(mixers):
+        return [(name, m) for name, m in zip(layer_names, mixers) if isinstance(m, nn.Module)]
+    out = []
+    for m in mixers:
+        if not isinstance(m, nn.Module):
+            continue
+        for name in registry.names("mixer"):
+            try:
+                if registry.get("mixer", name) is type(m):
+                    out.append((name, m))
+            except SleepzooError:  # a plugin that fails to load names none of this model's mixers
+                continue
+    return out
+
+
+def select_parameters(model: nn.Module, patterns: list[str] | None,
+                      layer_names: list[str] | None = None) -> list[tuple[str, nn.Parameter]]:
+    """The parameters that ``train.trainable`` patterns select, as ``(name, parameter)``, each listed once.
+
+    A pattern is an fnmatch glob over parameter names (``model.layers.1.*``; a tied weight answers to
+    every name it has), or ``mixer:NAME``: every parameter of every block's mixer registered as NAME
+    (``layer_names`` gives each block's mixer name, normally ``recipe.model.layers``). ``None`` selects the
+    parameters the model itself leaves trainable. A pattern that selects nothing is an error.
+    """
+    if patterns is None:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = list(model.named_parameters(remove_duplicate=False))
+    first_name = {}
+    for name, p in named:
+        first_name.setdefault(id(p), name)
+    chosen: dict[int, nn.Parameter] = {}
+    for pattern in patterns:
+        if pattern.startswith("mixer:"):
+            wanted = pattern[len("mixer:"):].strip()
+            mixers = _layer_mixers(model, layer_names)
+            hits = [p for name, m in mixers if name == wanted for p in m.parameters()]
+            if not hits:
+                present = list(dict.fromkeys(name for name, _ in mixers))
+                close = difflib.get_close_matches(wanted, present, n=1, cutoff=0.6)
+                hint = f" (did you mean 'mixer:{close[0]}'?)" if close else ""
+                where = (f"its layers' mixers are {', '.join(present)}" if present else
+                         f"{type(model).__name__} has no mixer layers (block.self_attn of model.model.layers)")
+                raise SleepzooError(f"train.trainable: {pattern!r} matches no parameter{hint}: {where}")
+        else:
+            hits = [p for name, p in named if fnmatch.fnmatchcase(name, pattern)]
+            if not hits:
+                names = list(dict.fromkeys(n for n, _ in named))
+                shown = names if len(names) <= 6 else [names[round(i * (len(names) - 1) / 5)] for i in range(6)]
+                raise SleepzooError(
+                    f"train.trainable: {pattern!r} matches no parameter of {type(model).__name__} "
+                    f"({len(names)} parameters, e.g. {', '.join(shown)}); give fnmatch globs over these "
+                    f"names (model.layers.1.*) or mixer:NAME (mixer:gated_deltanet)")
+        for p in hits:
+            chosen.setdefault(id(p), p)
+    return [(first_name[pid], p) for pid, p in {id(p): p for _, p in named}.items() if pid in chosen]
 
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
@@ -222,6 +300,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     for k, v in d.items():
         if isinstance(v, dict) and v:
             out.update(_flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # stages: stages.0.steps
+            out.update(_flatten({str(i): x for i, x in enumerate(v)}, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -332,6 +412,71 @@ def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool) -> None:
 # training
 
 
+@dataclass
+class _Stage:
+    """One stage of a run as the trainer sees it: its recipe, where it starts and what it trains."""
+
+    index: int
+    name: str | None  # None: a recipe without stages
+    recipe: Recipe  # the run's recipe with the stage's settings applied (train.steps = the stage's steps)
+    offset: int  # global steps done before it
+    trainable: set[int]  # ids of the parameters it trains
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.recipe.train.steps
+
+    def where(self, source: str) -> str:
+        return source if self.name is None else f"{source}: stages[{self.index}] ({self.name})"
+
+
+def _plan(recipe: Recipe, model: nn.Module, task: Task) -> list[_Stage]:
+    """Every stage with its trainable set, each checked against the model, the task and the plugins."""
+    stages, offset = [], 0
+    for i, (name, staged) in enumerate(recipe.stage_recipes()):
+        stage = _Stage(i, name, staged, offset, set())
+        where = stage.where(recipe.source)
+        if name is not None:
+            try:
+                check_fit(staged, task)  # its window fits the task's sequences
+            except RecipeError as exc:
+                raise RecipeError(f"{where}: {str(exc).removeprefix(f'{recipe.source}: ')}") from None
+            try:
+                registry.get("eviction", staged.sleep.eviction)(window=staged.sleep.window,
+                                                                sleep_every=staged.sleep.sleep_every)
+            except SleepzooError as exc:
+                raise RecipeError(f"{where}: sleep.eviction: {exc}") from None
+        try:
+            selected = select_parameters(model, staged.train.trainable, recipe.model.layers)
+        except SleepzooError as exc:
+            raise RecipeError(f"{where}: {exc}") from None
+        stage.trainable = {id(p) for _, p in selected}
+        stages.append(stage)
+        offset = stage.end
+    return stages
+
+
+def _enter_stage(model: nn.Module, stage: _Stage, everything: list[nn.Parameter]) -> list[nn.Parameter]:
+    """Freeze what the stage does not train, give the model the stage's sleep settings; return the trained."""
+    if stage.name is not None:
+        model.sleep = stage.recipe.sleep
+    for p in everything:
+        p.requires_grad_(id(p) in stage.trainable)
+        p.grad = None  # a gradient left by the previous stage must not reach this one's clipping
+    return [p for p in everything if p.requires_grad]
+
+
+def _resume_point(ckpt: Path, stages: list[_Stage]) -> int:
+    """The index of the stage a checkpoint was saved in (0 for a run without stages)."""
+    trainer = json.loads((ckpt / "state.json").read_text()).get("trainer", {})
+    index = trainer.get("stage_index", 0)
+    if not 0 <= index < len(stages) or trainer.get("stage") != stages[index].name:
+        raise SleepzooError(f"cannot resume from {str(ckpt)!r}: it was saved in stage {trainer.get('stage')!r} "
+                            f"(index {index}), which the recipe's stages "
+                            f"({', '.join(str(s.name) for s in stages)}) do not have there")
+    return index
+
+
 def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Train ``recipe`` into ``out_dir``; return the final evaluation (also written to ``eval.json``).
 
@@ -339,99 +484,128 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress
     stopped; the recipe must be the run's own. A finished run is not trained again.
     """
     out = Path(out_dir)
-    cfg = recipe.train
-    _prepare_run_dir(out, recipe, resume)
+    cfg = recipe.train  # run-wide settings; with stages, steps is their total
+    staged = bool(recipe.stages)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg.device)
     model, task = build(recipe)
     model.to(device)
-    optimizers = build_optimizers(model, cfg)
-    schedulers = build_schedulers(optimizers, cfg)
+    stages = _plan(recipe, model, task)  # every stage checked before anything is written
+    _prepare_run_dir(out, recipe, resume)
     log = MetricsLog(out / "metrics.jsonl")
     ckpt_root = out / "checkpoints"
+    everything = list({id(p): p for p in model.parameters()}.values())
 
     state: dict[str, Any] = {"tokens": 0, "elapsed_s": 0.0, "loss_sum": 0.0, "loss_count": 0}
-    start = 0
+    first, ckpt = 0, None
     if resume:
         ckpt = latest_checkpoint(ckpt_root)
-        state = load_checkpoint(ckpt, model=model, optimizers=optimizers, schedulers=schedulers)
-        start = state.pop("step")
-        log.truncate_after(start)
-        finished = out / "eval.json"
-        if start == cfg.steps and finished.is_file():
-            result = json.loads(finished.read_text())
-            if result.get("step") == start:
-                return result
+        first = _resume_point(ckpt, stages)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    reporter = _Reporter(cfg.steps, start, progress)
+    reporter: _Reporter | None = None
     t_start = time.perf_counter()
-    elapsed_before = state["elapsed_s"]
-    t_interval, tokens_interval = t_start, 0
+    elapsed_before = 0.0
     model.train()
     try:
-        for step in range(start, cfg.steps):
-            batch = task.generate(cfg.batch_size, seed=batch_seed(cfg.seed, step), split="train")
-            input_ids = batch["input_ids"].to(device)  # (B, T)
-            targets = batch["targets"].to(device)  # (B, T), -100 where no loss is taken
-            loss = model(input_ids, targets).loss
-            if loss is None:
-                raise SleepzooError(f"the model returned no loss at step {step + 1}: the {recipe.task.name} "
-                                    f"training batch has no targets")
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-            lrs = [opt.param_groups[0]["lr"] for opt in optimizers]  # the rates this update uses
-            for opt in optimizers:
-                opt.step()
-            for sched in schedulers:
-                sched.step()
+        for stage in stages[first:]:
+            scfg = stage.recipe.train
+            params = _enter_stage(model, stage, everything)
+            optimizers = build_optimizers(model, scfg)
+            schedulers = build_schedulers(optimizers, scfg)
+            start = stage.offset  # global step this stage starts (or resumes) at
+            if ckpt is not None:
+                state = load_checkpoint(ckpt, model=model, optimizers=optimizers, schedulers=schedulers)
+                start = state.pop("step")
+                for key in ("stage", "stage_index", "stage_step"):
+                    state.pop(key, None)
+                ckpt = None
+                log.truncate_after(start)
+                finished = out / "eval.json"
+                if start == cfg.steps and finished.is_file():
+                    result = json.loads(finished.read_text())
+                    if result.get("step") == start:
+                        return result
+            if reporter is None:
+                reporter = _Reporter(cfg.steps, start, progress)
+                elapsed_before = state["elapsed_s"]
+                t_start = time.perf_counter()
+            if staged and start < stage.end:
+                frozen = len(everything) - len(params)
+                reporter.message(f"stage {stage.name}: steps {start + 1}-{stage.end}, eviction "
+                                 f"{stage.recipe.sleep.eviction}, loops {stage.recipe.sleep.loops}, training "
+                                 f"{sum(p.numel() for p in params):,} parameters"
+                                 + (f" ({frozen} tensors frozen)" if frozen else ""))
+            tag = {} if stage.name is None else {"stage": stage.name}
+            t_interval, tokens_interval = time.perf_counter(), 0
+            for step in range(start, stage.end):
+                batch = task.generate(scfg.batch_size, seed=batch_seed(cfg.seed, step), split="train")
+                input_ids = batch["input_ids"].to(device)  # (B, T)
+                targets = batch["targets"].to(device)  # (B, T), -100 where no loss is taken
+                loss = model(input_ids, targets).loss
+                if loss is None:
+                    raise SleepzooError(f"the model returned no loss at step {step + 1}: the {recipe.task.name} "
+                                        f"training batch has no targets")
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                max_norm = scfg.grad_clip if scfg.grad_clip > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+                lrs = [opt.param_groups[0]["lr"] for opt in optimizers]  # the rates this update uses
+                for opt in optimizers:
+                    opt.step()
+                for sched in schedulers:
+                    sched.step()
 
-            done = step + 1
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise SleepzooError(f"the training loss is {loss_value} at step {done}; lower train.muon_lr / "
-                                    f"train.adamw_lr or train.grad_clip")
-            state["tokens"] += input_ids.numel()
-            tokens_interval += input_ids.numel()
-            state["loss_sum"] += loss_value
-            state["loss_count"] += 1
-            now = time.perf_counter()
-            tokens_per_s = tokens_interval / max(now - t_interval, 1e-9)
-            reporter.step(done, loss_value, tokens_per_s)
+                done = step + 1
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise SleepzooError(f"the training loss is {loss_value} at step {done}; lower train.muon_lr / "
+                                        f"train.adamw_lr or train.grad_clip")
+                state["tokens"] += input_ids.numel()
+                tokens_interval += input_ids.numel()
+                state["loss_sum"] += loss_value
+                state["loss_count"] += 1
+                now = time.perf_counter()
+                tokens_per_s = tokens_interval / max(now - t_interval, 1e-9)
+                reporter.step(done, loss_value, tokens_per_s)
 
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                record = {"step": done, "loss": state["loss_sum"] / state["loss_count"], "lr": lrs[0]}
-                if len(lrs) > 1:
-                    record["adamw_lr"] = lrs[1]
-                record.update(grad_norm=grad_norm, tokens=state["tokens"], tokens_per_s=tokens_per_s,
-                              elapsed_s=elapsed_before + now - t_start)
-                log.write(record)
-                reporter.logged(record)
-                state["loss_sum"], state["loss_count"] = 0.0, 0
-                t_interval, tokens_interval = time.perf_counter(), 0
+                stage_ends = done == stage.end and done != cfg.steps  # a stage other than the last
+                if done % cfg.log_every == 0 or done == stage.end:
+                    record = {"step": done, **tag, "loss": state["loss_sum"] / state["loss_count"], "lr": lrs[0]}
+                    if len(lrs) > 1:
+                        record["adamw_lr"] = lrs[1]
+                    record.update(grad_norm=grad_norm, tokens=state["tokens"], tokens_per_s=tokens_per_s,
+                                  elapsed_s=elapsed_before + now - t_start)
+                    log.write(record)
+                    reporter.logged(record)
+                    state["loss_sum"], state["loss_count"] = 0.0, 0
+                    t_interval, tokens_interval = time.perf_counter(), 0
 
-            if recipe.eval.every and done % recipe.eval.every == 0 and done != cfg.steps:
-                metrics = evaluate(model, task, recipe, device=device)
-                log.write({"step": done, "split": "test", **metrics})
-                reporter.message(f"eval step {done}: {_short(metrics)}")
-                t_interval, tokens_interval = time.perf_counter(), 0  # evaluation time is not training speed
+                if (recipe.eval.every and done % recipe.eval.every == 0 and done != cfg.steps) or stage_ends:
+                    metrics = evaluate(model, task, stage.recipe, device=device)
+                    log.write({"step": done, **tag, "split": "test", **metrics})
+                    label = f"eval step {done}" + (f" (end of stage {stage.name})" if stage_ends else "")
+                    reporter.message(f"{label}: {_short(metrics)}")
+                    t_interval, tokens_interval = time.perf_counter(), 0  # evaluation time is not training speed
 
-            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
-                state["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
-                save_checkpoint(ckpt_root, done, model=model, optimizers=optimizers, schedulers=schedulers,
-                                trainer_state=state, keep=cfg.keep_checkpoints)
+                if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == stage.end:
+                    state["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+                    position = {} if stage.name is None else {
+                        "stage": stage.name, "stage_index": stage.index, "stage_step": done - stage.offset}
+                    save_checkpoint(ckpt_root, done, model=model, optimizers=optimizers, schedulers=schedulers,
+                                    trainer_state={**state, **position}, keep=cfg.keep_checkpoints)
     finally:
-        reporter.close()
+        if reporter is not None:
+            reporter.close()
 
+    last = stages[-1]
     elapsed = elapsed_before + time.perf_counter() - t_start
     save_weights(model, out / "final" / "model.safetensors", metadata={"step": str(cfg.steps)})
-    metrics = evaluate(model, task, recipe, device=device)
-    log.write({"step": cfg.steps, "split": "test", **metrics})
-    result = {"step": cfg.steps, "loops": recipe.sleep.loops, "window": recipe.sleep.window,
+    metrics = evaluate(model, task, last.recipe, device=device)
+    tag = {} if last.name is None else {"stage": last.name}
+    log.write({"step": cfg.steps, **tag, "split": "test", **metrics})
+    result = {"step": cfg.steps, "loops": last.recipe.sleep.loops, "window": last.recipe.sleep.window,
               "num_examples": recipe.eval.num_examples, "train_time_s": elapsed, **metrics}
     atomic_write_json(out / "eval.json", result)
     return result
@@ -459,6 +633,8 @@ def load_run(run_dir: str | Path) -> tuple[Recipe, nn.Module, Task, int]:
             raise SleepzooError(f"{str(run)!r} has no weights yet (no final/model.safetensors and no checkpoint)")
         weights, step = ckpt / "model.safetensors", int(ckpt.name.split("_")[1])
     load_weights(model, weights)
+    if recipe.stages:  # the weights are the last stage's: run them with its sleep settings
+        model.sleep = recipe.stage_recipes()[-1][1].sleep
     return recipe, model, task, step
 
 
@@ -475,13 +651,14 @@ def evaluate_run(run_dir: str | Path, *, num_examples: int | None = None, loops:
     recipe, model, task, step = load_run(run_dir)
     device = _device(recipe.train.device)
     model.to(device)
-    loops_used = loops or recipe.sleep.loops
-    window_used = window or recipe.sleep.window
+    own_sleep = recipe.stage_recipes()[-1][1].sleep  # the last stage's (the recipe's own without stages)
+    loops_used = loops or own_sleep.loops
+    window_used = window or own_sleep.window
     metrics = evaluate(model, task, recipe, device=device, num_examples=num_examples, loops=loops_used,
                        window=window_used)
     result = {"step": step, "loops": loops_used, "window": window_used,
               "num_examples": num_examples or recipe.eval.num_examples, **metrics}
-    own = loops_used == recipe.sleep.loops and window_used == recipe.sleep.window
+    own = loops_used == own_sleep.loops and window_used == own_sleep.window
     path = Path(run_dir) / ("eval.json" if own else f"eval-loops{loops_used}-window{window_used}.json")
     if own and path.is_file():  # keep the training time the trainer recorded
         previous = json.loads(path.read_text())
