@@ -224,6 +224,10 @@ def validate_command(recipe: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"  sleep  window {s.window}, loops {s.loops}, eviction {s.eviction}")
     click.echo(f"  task   {parsed.task.name}({options}), seq_len {task.seq_len}, vocab {task.vocab_size}")
     click.echo(f"  train  {t.steps} steps x batch {t.batch_size}, {t.optimizer}, seed {t.seed}")
+    for stage, (name, staged) in zip(parsed.stages or (), parsed.stage_recipes() if parsed.stages else ()):
+        ss, st = staged.sleep, staged.train
+        click.echo(f"  stage  {name}: {stage.steps} steps, loops {ss.loops}, eviction {ss.eviction}, "
+                   f"trainable {st.trainable or 'all'}")
 
 
 # ---------------------------------------------------------------------------------------------------------

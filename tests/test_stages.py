@@ -288,3 +288,17 @@ def test_sliding_window_schedule_on_the_real_hybrid(tmp_path):
         [(2, "warmup"), (4, "main")]
     _, model, _, step = load_run(tmp_path / "run")
     assert step == 4 and model.sleep.eviction == "sliding_window"  # the last stage's, not the top level's
+
+
+def test_validate_lists_the_stages():
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from sleepzoo.cli import main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "rule110-tiny-sliding.yaml"
+    result = CliRunner().invoke(main, ["recipe", "validate", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "stage  warmup: 100 steps, loops 2, eviction full_flush, trainable ['mixer:gated_deltanet']" in result.output
+    assert "stage  main: 200 steps, loops 2, eviction sliding_window, trainable all" in result.output
