@@ -71,6 +71,50 @@ def _check_shapes(q, k, v, g, beta, initial_state) -> tuple[int, int, int, int, 
     return B, T, H, K, V
 
 
+def _empty(q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, output_final_state: bool,
+           dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The result of a rule over T = 0 tokens: no output, the initial (or zero) state unchanged."""
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    state = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
+    return v.new_zeros(B, 0, H, V), (state if output_final_state else None)
+
+
+class _Chunks:
+    """The chunk layout of a chunked rule: ``T`` tokens as ``N`` chunks of ``C`` (the tail padded with zeros,
+    which every rule here treats as no-op steps: g = 0, beta = 0, k = 0)."""
+
+    def __init__(self, T: int, chunk_size: int):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+        self.T = T
+        self.C = max(1, min(chunk_size, T))
+        self.N = -(-T // self.C)  # number of chunks
+        self.pad = self.N * self.C - T
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, *) -> (B, H, N, C, *)."""
+        B, _, H = x.shape[:3]
+        x = x.transpose(1, 2)  # (B, H, T, *)
+        if self.pad:
+            x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, self.pad))
+        return x.reshape(B, H, self.N, self.C, *x.shape[3:])
+
+    def merge(self, o: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, C, V) -> (B, T, H, V), padding dropped."""
+        B, H = o.shape[:2]
+        return o.reshape(B, H, self.N * self.C, o.shape[-1])[:, :, :self.T].transpose(1, 2)
+
+    def log_decays(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cumulative log-decay from each chunk's start ``gamma`` (B, H, N, C) (in-chunk sums only, so it stays
+        moderate) and ``exp(gamma_i - gamma_j)`` for j <= i, zero above the diagonal (B, H, N, C, C), masked
+        before the exp so no inf * 0 appears in values or gradients."""
+        gamma = self.split(g).cumsum(-1)  # (B, H, N, C)
+        causal = torch.ones(self.C, self.C, dtype=torch.bool, device=g.device).tril()
+        diff = gamma.unsqueeze(-1) - gamma.unsqueeze(-2)  # (B, H, N, C, C)
+        return gamma, diff.masked_fill(~causal, float("-inf")).exp()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # single step and step-by-step loop
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,44 +291,26 @@ def gated_delta_rule(
         or ``None`` unless ``output_final_state``.
     """
     B, T, H, K, V = _check_shapes(q, k, v, g, beta, initial_state)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    chunks = _Chunks(T, chunk_size)
     out_dtype = v.dtype
     dt = _compute_dtype(out_dtype)
     if scale is None:
         scale = K**-0.5
     if T == 0:
-        state = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
-        return v.new_zeros(B, 0, H, V), (state if output_final_state else None)
-
-    C = min(chunk_size, T)
-    N = -(-T // C)  # number of chunks
-    pad = N * C - T
+        return _empty(q, v, initial_state, output_final_state, dt)
+    N = chunks.N
 
     q, k, v, beta = (x.to(dt) for x in (q, k, v, beta))
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
     q = q * scale
-
-    def to_chunks(x: torch.Tensor) -> torch.Tensor:
-        """(B, T, H, *) -> (B, H, N, C, *); padded steps are zeros, i.e. g = 0, beta = 0, k = 0: no-ops."""
-        x = x.transpose(1, 2)  # (B, H, T, *)
-        if pad:
-            x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-        return x.reshape(B, H, N, C, *x.shape[3:])
-
-    q, k, v = to_chunks(q), to_chunks(k), to_chunks(v)  # (B, H, N, C, K|V)
-    beta = to_chunks(beta)  # (B, H, N, C)
+    q, k, v = chunks.split(q), chunks.split(k), chunks.split(v)  # (B, H, N, C, K|V)
+    beta = chunks.split(beta)  # (B, H, N, C)
     if g is None:
-        gamma = q.new_zeros(B, H, N, C)
+        gamma = q.new_zeros(B, H, N, chunks.C)
+        decay_mat = torch.ones(chunks.C, chunks.C, dtype=dt, device=q.device).tril()
     else:
-        # cumulative log-decay relative to the chunk start: only in-chunk sums, so it stays moderate
-        gamma = to_chunks(g.to(dt)).cumsum(-1)  # (B, H, N, C)
-
-    # exp(gamma_i - gamma_j) for j <= i, zero above the diagonal; masked before the exp (see docstring)
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    diff = gamma.unsqueeze(-1) - gamma.unsqueeze(-2)  # (B, H, N, C, C)
-    decay_mat = diff.masked_fill(~causal, float("-inf")).exp()  # (B, H, N, C, C)
+        gamma, decay_mat = chunks.log_decays(g.to(dt))  # (B, H, N, C), (B, H, N, C, C)
     gamma_c = gamma[..., -1:]  # (B, H, N, 1) log-decay over the whole chunk
 
     # UT transform: unit lower-triangular (I + A), A_ij = beta_i exp(gamma_i - gamma_j) k_i.k_j for j < i.
@@ -321,8 +347,7 @@ def gated_delta_rule(
         state = torch.baddbmm(d_n, m_n, state)  # (B*H, K, V)
     s0 = torch.stack(entry_states, dim=1).reshape(B, H, N, K, V)  # state entering each chunk
 
-    o = o_intra + q_state @ s0  # (B, H, N, C, V)
-    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)  # (B, T, H, V)
+    o = chunks.merge(o_intra + q_state @ s0)  # (B, T, H, V)
     final_state = state.reshape(B, H, K, V) if output_final_state else None
     return o.to(out_dtype), final_state
 

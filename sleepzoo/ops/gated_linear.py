@@ -22,9 +22,8 @@ state returned in the computation dtype).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .gated_delta import _check_shapes, _compute_dtype, _l2norm
+from .gated_delta import _check_shapes, _Chunks, _compute_dtype, _empty, _l2norm
 
 __all__ = [
     "gated_linear_rule",
@@ -198,45 +197,29 @@ def gated_linear_rule(
         or ``None`` unless ``output_final_state``.
     """
     B, T, H, K, V = _check_shapes(q, k, v, g, beta, initial_state)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    chunks = _Chunks(T, chunk_size)
     out_dtype = v.dtype
     dt = _compute_dtype(out_dtype)
     if scale is None:
         scale = K**-0.5
     if T == 0:
-        state = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
-        return v.new_zeros(B, 0, H, V), (state if output_final_state else None)
-
-    C = min(chunk_size, T)
-    N = -(-T // C)  # number of chunks
-    pad = N * C - T
+        return _empty(q, v, initial_state, output_final_state, dt)
+    N = chunks.N
 
     q, k, v = (x.to(dt) for x in (q, k, v))
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
     q = q * scale
     u = _weighted_values(v, None if beta is None else beta.to(dt))  # (B, T, H, V)
-
-    def to_chunks(x: torch.Tensor) -> torch.Tensor:
-        """(B, T, H, *) -> (B, H, N, C, *); padded steps are zeros, i.e. g = 0, k = 0, u = 0: no-ops."""
-        x = x.transpose(1, 2)  # (B, H, T, *)
-        if pad:
-            x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-        return x.reshape(B, H, N, C, *x.shape[3:])
-
-    q, k, u = to_chunks(q), to_chunks(k), to_chunks(u)  # (B, H, N, C, K|V)
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    q, k, u = chunks.split(q), chunks.split(k), chunks.split(u)  # (B, H, N, C, K|V)
     qk = q @ k.transpose(-1, -2)  # (B, H, N, C, C)
     if g is None:
-        p = qk.masked_fill(~causal, 0.0)
+        p = qk.tril()
         q_state, k_decay, chunk_decay = q, k, None
     else:
-        # cumulative log-decay relative to the chunk start: only in-chunk sums, so it stays moderate
-        gamma = to_chunks(g.to(dt)).cumsum(-1)  # (B, H, N, C)
+        gamma, decay_mat = chunks.log_decays(g.to(dt))  # (B, H, N, C), (B, H, N, C, C)
         gamma_c = gamma[..., -1:]  # (B, H, N, 1) log-decay over the whole chunk
-        diff = gamma.unsqueeze(-1) - gamma.unsqueeze(-2)  # (B, H, N, C, C)
-        p = qk * diff.masked_fill(~causal, float("-inf")).exp()  # exponents <= 0 below, exp(-inf) = 0 above
+        p = qk * decay_mat
         q_state = q * gamma.exp().unsqueeze(-1)  # (B, H, N, C, K)
         k_decay = k * (gamma_c - gamma).exp().unsqueeze(-1)  # (B, H, N, C, K), exponents <= 0
         chunk_decay = gamma_c.exp().permute(2, 0, 1, 3).reshape(N, B * H, 1, 1).unbind(0)
@@ -254,8 +237,7 @@ def gated_linear_rule(
         state = d[n] + state if chunk_decay is None else torch.addcmul(d[n], chunk_decay[n], state)
     s0 = torch.stack(entry_states, dim=1).reshape(B, H, N, K, V)  # state entering each chunk
 
-    o = o_intra + q_state @ s0  # (B, H, N, C, V)
-    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)  # (B, T, H, V)
+    o = chunks.merge(o_intra + q_state @ s0)  # (B, T, H, V)
     final_state = state.reshape(B, H, K, V) if output_final_state else None
     return o.to(out_dtype), final_state
 
