@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 from rich.table import Table
 
+from .config import load_recipe
 from .registry import SleepzooError
 
 SETTINGS = ("run", "step", "loops", "window", "num_examples")
@@ -336,6 +337,10 @@ def load_result(run_dir: str | Path) -> RunResult:
         recipe = yaml.safe_load(saved.read_text()) or {}
     except yaml.YAMLError as exc:
         raise SleepzooError(f"{str(saved)!r} is not valid YAML: {exc}") from None
+    try:  # with every default filled in, runs saved before a field existed compare equal to newer ones
+        recipe = load_recipe(recipe, ()).to_dict()
+    except SleepzooError:
+        pass  # a recipe this version can not read is still compared by what it says
     steps = (recipe.get("train") or {}).get("steps")
     candidates: list[tuple[int, str, dict]] = []
     final = run / "eval.json"

@@ -225,3 +225,13 @@ def test_find_runs(tmp_path):
         report.find_runs([tmp_path / "nope"])
     with pytest.raises(SleepzooError, match="not a run directory"):
         report.find_runs([tmp_path])  # holds a folder of runs, but no run itself
+
+
+def test_a_field_added_after_a_run_was_saved_does_not_split_groups(tmp_path):
+    """A recipe.yaml written before a field existed compares equal to one that spells out its default."""
+    old, new = make_run(tmp_path, "old", seed=0), make_run(tmp_path, "new", seed=1)
+    recipe = yaml.safe_load((new / "recipe.yaml").read_text())
+    recipe["sleep"]["sleep_every"] = None  # the default, written out as newer versions do
+    (new / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    comparison = report.compare_runs([report.load_result(r) for r in (old, new)], key="sleep.loops")
+    assert comparison["settings"] == [] and len(comparison["groups"]) == 1
