@@ -65,6 +65,10 @@ class ModelConfig:
     loop_end: int | None = None
     # Per-mixer-name keyword arguments, e.g. {"attention": {"num_heads": 4}, "gated_deltanet": {...}}.
     mixers: dict[str, dict] = field(default_factory=dict)
+    # Pretrained architectures (jet_nemotron, ouro): a local folder with config.json + *.safetensors, or a
+    # config (dict or config.json path) for random weights. The hybrid fields above do not apply to them.
+    pretrained: str | None = None
+    hf_config: dict[str, Any] | str | None = None
 
 
 @dataclass
@@ -398,11 +402,11 @@ def _check_values(r: Recipe, where: str) -> None:
     for pattern in r.train.trainable or ():
         need(bool(pattern.strip()) and pattern.strip() != "mixer:", "train.trainable", pattern,
              "give a glob over parameter names (model.layers.1.*) or mixer:NAME (mixer:gated_deltanet)")
-    n = len(r.model.layers)
-    lo = 0 if r.model.loop_start is None else r.model.loop_start
-    hi = n if r.model.loop_end is None else r.model.loop_end
-    need(0 <= lo < hi <= n, "model.loop_start/loop_end", [r.model.loop_start, r.model.loop_end],
-         f"need 0 <= loop_start < loop_end <= {n} (the number of layers)")
+    # The upper bound (the number of blocks) is the model builder's to check: a pretrained model's depth
+    # comes from its config.json, not from model.layers.
+    lo, hi = r.model.loop_start, r.model.loop_end
+    need((lo is None or lo >= 0) and (hi is None or hi >= 1) and (lo is None or hi is None or lo < hi),
+         "model.loop_start/loop_end", [lo, hi], "need 0 <= loop_start < loop_end <= the number of blocks")
 
 
 def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:

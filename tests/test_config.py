@@ -113,7 +113,8 @@ BAD_RECIPES = [  # (overrides, data replacing the file's, expected fragments of 
     pytest.param(["sleep.window=0"], None, ["sleep.window", "0 is not allowed", ">= 1"], id="window-0"),
     pytest.param(["sleep.loops=0"], None, ["sleep.loops", "0 is not allowed", ">= 1"], id="loops-0"),
     pytest.param(["train.optimizer=sgd"], None, ["train.optimizer", "'sgd'", "muon, adamw"], id="bad-optimizer"),
-    pytest.param(["model.loop_start=2"], None, ["loop_start", "0 <= loop_start < loop_end <= 2"], id="bad-loop-range"),
+    pytest.param(["model.loop_start=2", "model.loop_end=1"], None, ["loop_start", "0 <= loop_start < loop_end"],
+                 id="bad-loop-range"),
     pytest.param(["model.layers=[]"], None, ["model.layers", "at least one"], id="no-layers"),
 ]
 
@@ -231,3 +232,11 @@ def test_shipped_recipe_loads_and_validates(path):
             model = sleepzoo.build_model(recipe)
         assert model.vocab_size == (recipe.model.vocab_size or task.vocab_size)
         assert len(model.layers) == len(recipe.model.layers)
+
+
+def test_loop_range_beyond_the_blocks_is_named_by_the_builder(recipe_file):
+    """The number of blocks is the model's (a pretrained one's comes from its config.json)."""
+    recipe = load_recipe(recipe_file, overrides=["model.loop_start=1", "model.loop_end=9"])
+    with pytest.raises(RecipeError, match=r"loop_start < loop_end <= 2 \(the number of layers\)") as exc_info:
+        sleepzoo.build_model(recipe)
+    assert str(recipe_file) in str(exc_info.value)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import registry
-from ..config import ModelConfig, SleepConfig, check_kwargs
+from ..config import ModelConfig, RecipeError, SleepConfig, check_kwargs
 from .base import Block, SleepModel
 
 
@@ -50,6 +50,9 @@ class HybridLM(SleepModel):
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
         lo = 0 if config.loop_start is None else config.loop_start
         hi = n if config.loop_end is None else config.loop_end
+        if not 0 <= lo < hi <= n:
+            raise RecipeError(f"model.loop_start/loop_end: [{config.loop_start}, {config.loop_end}] needs "
+                              f"0 <= loop_start < loop_end <= {n} (the number of layers)")
         self.loop_range = (lo, hi)
         self._init_weights(config.init_std, n)
         if config.tie_embeddings:
