@@ -33,6 +33,16 @@ class GatedRMSNorm(nn.Module):
         return out if gate is None else out * F.silu(gate)
 
 
+def decay_parameters(num_heads: int, a_min: float = 1e-4) -> tuple[nn.Parameter, nn.Parameter]:
+    """``A_log`` and ``dt_bias`` (H,) initialised as in Mamba2 / fla: A ~ U(a_min, 16), dt log-uniform in
+    [1e-3, 0.1] stored as softplus^-1(dt); both excluded from weight decay."""
+    A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(a_min, 16)))
+    dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+    dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+    A_log._no_weight_decay = dt_bias._no_weight_decay = True
+    return A_log, dt_bias
+
+
 def causal_depthwise_conv(x: Tensor, weight: Tensor, history: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Causal depthwise conv over time: x (B, T, C), weight (C, 1, W), history (B, <= W-1, C) the inputs just
     before x (None or empty: zeros). Returns (y (B, T, C), the last W-1 inputs as the next history)."""
@@ -97,12 +107,7 @@ class GatedDeltaNet(nn.Module):
         self.v_proj = nn.Linear(d_model, self.value_dim, bias=False)
         self.a_proj = nn.Linear(d_model, num_heads, bias=False)
         self.b_proj = nn.Linear(d_model, num_heads, bias=False)
-        # Decay rates as in Mamba2 / fla: A ~ U(0, 16), dt log-uniform in [1e-3, 0.1] stored as softplus^-1(dt).
-        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1e-4, 16)))
-        dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log._no_weight_decay = True
-        self.dt_bias._no_weight_decay = True
+        self.A_log, self.dt_bias = decay_parameters(num_heads)
         if use_short_conv:
             self.q_conv1d = nn.Conv1d(self.key_dim, self.key_dim, conv_size, groups=self.key_dim, bias=False)
             self.k_conv1d = nn.Conv1d(self.key_dim, self.key_dim, conv_size, groups=self.key_dim, bias=False)

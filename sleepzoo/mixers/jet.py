@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .. import registry
 from ..registry import SleepzooError
 from . import MixerState
-from .gated_deltanet import GatedRMSNorm
+from .gated_deltanet import GatedRMSNorm, decay_parameters
 
 
 def dynamic_causal_conv(x: Tensor, kernels: Tensor, history: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -157,12 +157,7 @@ class JetBlock(nn.Module):
         self.v_proj = nn.Linear(d_model, self.value_dim, bias=False)
         self.b_proj = nn.Linear(d_model, num_heads, bias=False)
         self.a_proj = nn.Linear(d_model, num_heads, bias=False)
-        # Decay rates as in Mamba2 / fla / Jet: A ~ U(0, 16), dt log-uniform in [1e-3, 0.1] stored as softplus^-1.
-        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1e-4, 16)))
-        dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log._no_weight_decay = True
-        self.dt_bias._no_weight_decay = True
+        self.A_log, self.dt_bias = decay_parameters(num_heads)  # as in Mamba2 / fla / Jet
         self.dynamic_conv1d = DynamicShortConvolution(
             self.value_dim, conv_size, generator_input_size=d_model,
             generator_hidden_size=self.value_dim // dconv_generator_reduction)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .. import registry
 from ..registry import SleepzooError
 from . import MixerState
-from .gated_deltanet import causal_depthwise_conv
+from .gated_deltanet import causal_depthwise_conv, decay_parameters
 
 
 class RMSNormGated(nn.Module):
@@ -113,13 +113,10 @@ class Mamba2(nn.Module):
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * num_groups * state_size + num_heads, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_size, groups=self.conv_dim, bias=True)
-        # Initialisation as in mamba_ssm: dt log-uniform in [1e-3, 0.1] stored as softplus^-1, A ~ U(1, 16), D = 1.
-        dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1, 16)))
+        # Initialisation as in mamba_ssm: A ~ U(1, 16), dt log-uniform in [1e-3, 0.1] (softplus^-1), D = 1.
+        self.A_log, self.dt_bias = decay_parameters(num_heads, a_min=1.0)
         self.D = nn.Parameter(torch.ones(num_heads))
-        for p in (self.dt_bias, self.A_log, self.D):
-            p._no_weight_decay = True
+        self.D._no_weight_decay = True
         self.norm = RMSNormGated(self.d_inner, eps=norm_eps, group_size=self.d_inner // num_groups)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
