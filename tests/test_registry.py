@@ -251,6 +251,8 @@ def test_every_mixer_keeps_the_contract(name):
     assert set(flushed or {}) == set(carried)
 
 
+# On a CPU the accelerated rules (e.g. the fla plugin's) announce their fallback: expected here.
+@pytest.mark.filterwarnings("ignore::sleepzoo.backends.BackendFallbackWarning")
 @pytest.mark.parametrize("name", registry.names("rule"))
 def test_every_rule_chunk_equals_recurrent(name):
     rule = registry.get("rule", name)
