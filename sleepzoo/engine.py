@@ -37,7 +37,6 @@ from .mixers import with_fast_weights
 from .registry import SleepzooError
 
 if TYPE_CHECKING:
-    from .mixers import MixerState
     from .models.base import SleepModel
 
 IGNORE_INDEX = -100

@@ -9,7 +9,6 @@ on a tiny Rule 110 recipe with the paper's sliding-window schedule (warm up the 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
