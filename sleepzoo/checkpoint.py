@@ -139,12 +139,13 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _alias_groups(model: nn.Module) -> dict[str, set[str]]:
-    """For every state-dict name, the names that share its memory (itself included)."""
-    groups: dict[tuple[int, int, tuple[int, ...]], set[str]] = {}
-    keys = {name: _storage_key(tensor) for name, tensor in model.state_dict().items()}
-    for name, key in keys.items():
-        groups.setdefault(key, set()).add(name)
-    return {name: groups[key] for name, key in keys.items()}
+    """State-dict name -> every name of the same tensor (tied weights), itself included. By object identity,
+    which also works on the meta device (where every tensor has the same null data pointer)."""
+    own = model.state_dict(keep_vars=True)
+    by_id: dict[int, set[str]] = {}
+    for name, t in own.items():
+        by_id.setdefault(id(t), set()).add(name)
+    return {name: by_id[id(t)] for name, t in own.items()}
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -177,6 +178,30 @@ def _listing(items: Sequence[str]) -> str:
     return shown + (f" (+{len(items) - _MAX_NAMES} more)" if len(items) > _MAX_NAMES else "")
 
 
+def check_weight_names(model: nn.Module, shapes: dict[str, list[int]], *, source: str, strict: bool = True,
+                       noun: str = "file") -> list[str]:
+    """Compare stored tensor names and shapes with ``model``'s; raise one CheckpointError naming every problem.
+
+    A model name is satisfied when it or a tied alias of it is stored (a tied head has no key of its own).
+    ``strict=False`` allows missing and unexpected names, never mis-shaped ones. Returns the model names
+    nothing provides (empty when strict)."""
+    own = {n: list(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
+    aliases = _alias_groups(model)
+    missing = [n for n in own if not (aliases[n] & shapes.keys())]
+    unexpected = sorted(n for n in shapes if n not in own)
+    misshaped = [f"{n} (file {shapes[n]}, model {own[n]})" for n in shapes if n in own and shapes[n] != own[n]]
+    problems = []
+    if misshaped:
+        problems.append(f"mis-shaped: {_listing(misshaped)}")
+    if strict and missing:
+        problems.append(f"missing from the {noun}: {_listing(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected in the {noun}: {_listing(unexpected)}")
+    if problems:
+        raise CheckpointError(f"{source} do not fit {type(model).__name__}: " + "; ".join(problems))
+    return missing
+
+
 def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> None:
     """Load a safetensors file into ``model`` in place, checking names and shapes first.
 
@@ -191,21 +216,9 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
         saved = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"weights file {str(path)!r} is not a readable safetensors file: {exc}") from None
+    check_weight_names(model, {n: list(t.shape) for n, t in saved.items()}, source=f"weights {str(path)!r}",
+                       strict=strict, noun="file")
     own = model.state_dict()
-    aliases = _alias_groups(model)
-    missing = [n for n in own if not (aliases[n] & saved.keys())]
-    unexpected = [n for n in saved if n not in own]
-    misshaped = [f"{n} (file {list(saved[n].shape)}, model {list(own[n].shape)})"
-                 for n in saved if n in own and saved[n].shape != own[n].shape]
-    problems = []
-    if misshaped:
-        problems.append(f"mis-shaped: {_listing(misshaped)}")
-    if strict and missing:
-        problems.append(f"missing from the file: {_listing(missing)}")
-    if strict and unexpected:
-        problems.append(f"unexpected in the file: {_listing(unexpected)}")
-    if problems:
-        raise CheckpointError(f"weights {str(path)!r} do not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict({n: t for n, t in saved.items() if n in own}, strict=False)
 
 

@@ -24,8 +24,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .checkpoint import CheckpointError, save_weights
+from .checkpoint import CheckpointError, _listing, check_weight_names, save_weights
 from .config import SleepConfig
+from .models.base import read_config_json
 from .registry import SleepzooError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -37,14 +38,6 @@ MODEL_TYPES = {
     "jet_nemotron": "sleepzoo.models.jet_nemotron:JetNemotronLM",
     "ouro": "sleepzoo.models.ouro:OuroLM",
 }
-_MAX_NAMES = 20  # names listed per category in an error before "(+N more)"
-
-
-def _listing(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_MAX_NAMES])
-    return shown + (f" (+{len(items) - _MAX_NAMES} more)" if len(items) > _MAX_NAMES else "")
-
-
 def model_class(model_type: Any) -> type:
     """The class registered for ``model_type`` in :data:`MODEL_TYPES`, imported on first use."""
     if model_type not in MODEL_TYPES:
@@ -64,27 +57,9 @@ def model_class(model_type: Any) -> type:
     return cls
 
 
-def _read_config(config: dict | str | Path) -> tuple[dict, Path | None]:
-    if isinstance(config, dict):
-        return config, None
-    path = Path(config).expanduser()
-    if path.is_dir():
-        path = path / CONFIG_NAME
-    if not path.is_file():
-        raise SleepzooError(f"config {str(path)!r} does not exist (a pretrained folder holds {CONFIG_NAME} and "
-                            f"its safetensors weights)")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SleepzooError(f"config {str(path)!r} is not readable JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise SleepzooError(f"config {str(path)!r} must hold a JSON object, got {type(data).__name__}")
-    return data, path
-
-
 def from_config(config: dict | str | Path, *, sleep: SleepConfig | None = None) -> nn.Module:
     """A randomly initialised model of the config's ``model_type`` (a dict, config.json, or its folder)."""
-    data, path = _read_config(config)
+    data, path = read_config_json(config)
     if "model_type" not in data:
         raise SleepzooError(f"{path or 'config'}: missing required field model_type (one of "
                             f"{', '.join(sorted(MODEL_TYPES))})")
@@ -160,38 +135,10 @@ def _shapes(where: dict[str, Path]) -> dict[str, list[int]]:
     return shapes
 
 
-def _alias_groups(model: nn.Module) -> dict[str, set[str]]:
-    """State-dict name -> every name of the same tensor (tied weights). By object identity, which also works
-    on the meta device (where every tensor has the same null data pointer)."""
-    own = model.state_dict(keep_vars=True)
-    by_id: dict[int, set[str]] = {}
-    for name, t in own.items():
-        by_id.setdefault(id(t), set()).add(name)
-    return {name: by_id[id(t)] for name, t in own.items()}
-
-
 def check_weights(model: nn.Module, shapes: dict[str, list[int]], *, strict: bool = True,
                   source: str = "weights") -> list[str]:
-    """Compare the files' names and shapes with ``model``'s; raise one CheckpointError naming every problem.
-
-    A model name is satisfied when it or a tied alias of it is in the files (a tied head has no key of its
-    own). ``strict=False`` allows missing and unexpected names, never mis-shaped ones. Returns the model names
-    that no file provides (empty when strict)."""
-    own = {n: list(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
-    aliases = _alias_groups(model)
-    missing = [n for n in own if not (aliases[n] & shapes.keys())]
-    unexpected = sorted(n for n in shapes if n not in own)
-    misshaped = [f"{n} (file {shapes[n]}, model {own[n]})" for n in shapes if n in own and shapes[n] != own[n]]
-    problems = []
-    if misshaped:
-        problems.append(f"mis-shaped: {_listing(misshaped)}")
-    if strict and missing:
-        problems.append(f"missing from the files: {_listing(missing)}")
-    if strict and unexpected:
-        problems.append(f"unexpected in the files: {_listing(unexpected)}")
-    if problems:
-        raise CheckpointError(f"{source} do not fit {type(model).__name__}: " + "; ".join(problems))
-    return missing
+    """:func:`sleepzoo.checkpoint.check_weight_names` over every file of a (sharded) checkpoint."""
+    return check_weight_names(model, shapes, source=source, strict=strict, noun="files")
 
 
 def from_pretrained(folder: str | Path, *, dtype: Any = None, strict: bool = True,
@@ -210,7 +157,7 @@ def from_pretrained(folder: str | Path, *, dtype: Any = None, strict: bool = Tru
     Returns the model in eval mode.
     """
     folder = Path(folder).expanduser()
-    config, config_path = _read_config(folder)
+    config, config_path = read_config_json(folder)
     if "model_type" not in config:
         raise SleepzooError(f"{config_path}: missing required field model_type (one of "
                             f"{', '.join(sorted(MODEL_TYPES))})")

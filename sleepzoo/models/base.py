@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -49,6 +51,28 @@ class Block(nn.Module):
         if self.mlp is not None:
             x = x + self.mlp(self.post_attention_layernorm(x))
         return x, state
+
+
+def read_config_json(config: dict | str | Path, what: str = "config") -> tuple[dict, Path | None]:
+    """A Hugging Face-style config as a dict, and the file it came from (None for a dict). A path may name
+    config.json or the folder holding it; a missing or unreadable file is a SleepzooError naming it."""
+    if isinstance(config, dict):
+        return dict(config), None
+    if not isinstance(config, (str, Path)):
+        raise SleepzooError(f"{what} must be a dict or a path to config.json, got {type(config).__name__}")
+    path = Path(config).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise SleepzooError(f"{what} {str(path)!r} does not exist (a pretrained folder holds config.json and "
+                            f"its safetensors weights)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SleepzooError(f"{what} {str(path)!r} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SleepzooError(f"{what} {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    return data, path
 
 
 def sample_next(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None,

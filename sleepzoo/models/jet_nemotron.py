@@ -22,7 +22,6 @@ from_pretrained` loads a user's local folder (config.json + *.safetensors).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from ..config import ModelConfig, RecipeError, SleepConfig
 from ..mixers.attention import Attention
 from ..mixers.jet import JetBlock
 from ..registry import SleepzooError
-from .base import Block, SleepModel
+from .base import Block, SleepModel, read_config_json
 
 MODEL_TYPE = "jet_nemotron"
 LAYER_TYPES = ("attn", "swa", "jet")
@@ -134,20 +133,8 @@ def _check_keys(given: dict, allowed: set[str], where: str) -> None:
 
 def read_config(config: dict | str | Path) -> tuple[dict, str]:
     """The config as a dict (a path may name config.json or the folder holding it) and where it came from."""
-    if isinstance(config, dict):
-        return config, "config"
-    path = Path(config)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise SleepzooError(f"config {str(path)!r} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SleepzooError(f"config {str(path)!r} is not readable JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise SleepzooError(f"config {str(path)!r} must hold a JSON object, got {type(data).__name__}")
-    return data, str(path)
+    data, path = read_config_json(config)
+    return data, "config" if path is None else str(path)
 
 
 def parse_config(cfg: dict, where: str = "config") -> dict:

@@ -53,7 +53,6 @@ pretrained function is unchanged until training moves it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -64,7 +63,7 @@ from ..config import ModelConfig, RecipeError, SleepConfig
 from ..mixers import MixerState, evict_state
 from ..mixers.attention import Attention
 from ..registry import SleepzooError
-from .base import Block, SleepModel, SwiGLU
+from .base import Block, SleepModel, SwiGLU, read_config_json
 
 # Fields of the published config.json that sleepzoo reads, with the values it supports (None: any).
 ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -169,19 +168,7 @@ def exit_distribution(gate_logits: Tensor) -> Tensor:
 
 
 def _as_config(config: dict | str | Path) -> dict:
-    if isinstance(config, (str, Path)):
-        path = Path(config)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise SleepzooError(f"Ouro config {str(path)!r} does not exist")
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SleepzooError(f"Ouro config {str(path)!r} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise SleepzooError(f"an Ouro config must be a dict or a path to config.json, got {type(config).__name__}")
-    return dict(config)
+    return read_config_json(config, what="Ouro config")[0]
 
 
 def _check_config(cfg: dict) -> None:
