@@ -69,6 +69,12 @@ class ModelConfig:
     # config (dict or config.json path) for random weights. The hybrid fields above do not apply to them.
     pretrained: str | None = None
     hf_config: dict[str, Any] | str | None = None
+    # Ouro only (docs/pretrained.md): loop steps of the wake pass (None: the config's total_ut_steps, 4 for
+    # Ouro-1.4B; the sleep recipes use 1, the paper's single prediction pass), and the loop-body layers after
+    # which an MLP-free Jet layer is inserted (model.sleep_layers.{j}; None: 3, 7, ..., i.e. 3 7 11 15 19 23 for
+    # a pretrained Ouro-1.4B and none from scratch; [] inserts none). model.mixers.jet sizes the inserted layers.
+    wake_passes: int | None = None
+    sleep_layers: list[int] | None = None
 
 
 @dataclass
@@ -114,6 +120,13 @@ class TrainConfig:
     # parameter of every layer whose mixer is NAME, e.g. mixer:gated_deltanet). None trains everything;
     # the rest are frozen (requires_grad False) and left out of the optimizers.
     trainable: list[str] | None = None
+    # Under torchrun (see sleepzoo.distributed): "ddp" replicates the model on every process, "fsdp" shards
+    # parameters, gradients and optimizer states over them (FSDP2, for models too large to replicate).
+    # batch_size stays the global batch either way. A single process ignores it.
+    parallel: str = "ddp"
+    # Mixed precision of the training forward pass: "none" (float32), "bf16" (torch.autocast to bfloat16,
+    # CPU or CUDA) or "fp16" (float16 autocast with a GradScaler, CUDA only). The loss stays float32.
+    autocast: str = "none"
 
 
 @dataclass
@@ -150,8 +163,11 @@ class StageConfig:
 
 # Train settings that belong to the run, not to a stage: the data order and model init (seed), the step
 # count (a stage has its own), and bookkeeping that indexes global steps.
-RUN_WIDE_TRAIN = ("steps", "seed", "log_every", "checkpoint_every", "keep_checkpoints", "device", "threads")
+RUN_WIDE_TRAIN = ("steps", "seed", "log_every", "checkpoint_every", "keep_checkpoints", "device", "threads",
+                  "parallel", "autocast")
 STAGE_KEYS = ("name", "steps", "sleep", "train")
+PARALLEL = ("ddp", "fsdp")  # train.parallel
+AUTOCAST = ("none", "bf16", "fp16")  # train.autocast
 
 
 @dataclass
@@ -386,6 +402,8 @@ def _check_values(r: Recipe, where: str) -> None:
     need(r.train.steps >= 0, "train.steps", r.train.steps, "must be >= 0")
     need(r.train.batch_size >= 1, "train.batch_size", r.train.batch_size, "must be >= 1")
     need(r.train.optimizer in ("muon", "adamw"), "train.optimizer", r.train.optimizer, "allowed: muon, adamw")
+    need(r.train.parallel in PARALLEL, "train.parallel", r.train.parallel, f"allowed: {', '.join(PARALLEL)}")
+    need(r.train.autocast in AUTOCAST, "train.autocast", r.train.autocast, f"allowed: {', '.join(AUTOCAST)}")
     need(0.0 <= r.train.decay_fraction <= 1.0, "train.decay_fraction", r.train.decay_fraction, "must be in [0, 1]")
     need(len(r.train.betas) == 2, "train.betas", r.train.betas, "give two numbers, e.g. [0.9, 0.95]")
     need(r.train.warmup_steps >= 0, "train.warmup_steps", r.train.warmup_steps, "must be >= 0")
@@ -402,6 +420,14 @@ def _check_values(r: Recipe, where: str) -> None:
     for pattern in r.train.trainable or ():
         need(bool(pattern.strip()) and pattern.strip() != "mixer:", "train.trainable", pattern,
              "give a glob over parameter names (model.layers.1.*) or mixer:NAME (mixer:gated_deltanet)")
+    need(r.model.wake_passes is None or r.model.wake_passes >= 1, "model.wake_passes", r.model.wake_passes,
+         "must be >= 1 (loop steps of the wake pass; null: the config's total_ut_steps)")
+    sl = r.model.sleep_layers
+    need(sl is None or (all(i >= 0 for i in sl) and sl == sorted(set(sl))), "model.sleep_layers", sl,
+         "list distinct loop-body layer indices >= 0 in increasing order ([] inserts none)")
+    need(r.model.pretrained is None or r.model.hf_config is None, "model.pretrained", r.model.pretrained,
+         "give model.pretrained (a folder with config.json and weights) or model.hf_config (random weights), "
+         "not both")
     # The upper bound (the number of blocks) is the model builder's to check: a pretrained model's depth
     # comes from its config.json, not from model.layers.
     lo, hi = r.model.loop_start, r.model.loop_end

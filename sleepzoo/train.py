@@ -24,12 +24,31 @@ decay schedule over its steps, and hands its ``sleep`` section to the model (``m
 forward pass and the task's evaluation default to). Steps are counted globally (data order, log and
 checkpoint names); each stage ends with an evaluation and a checkpoint; log lines carry ``"stage"``;
 checkpoints record the stage and the step within it, so ``--resume`` continues inside any stage exactly.
+
+Several processes (``torchrun --nproc_per_node=K -m sleepzoo train RECIPE``, see sleepzoo.distributed):
+``train.batch_size`` is the global batch. Every rank generates the same seeded batch for a step and trains
+on its own contiguous slice (:func:`sleepzoo.distributed.shard_bounds`; sizes may differ by one row), so the
+data order is the one-process order. The engine's loss is a mean over a slice's targets; each rank scales it
+by its share of the step's targets before DDP (``train.parallel: ddp``) or FSDP2 (``fsdp``) averages the
+gradients, so the update is the one-process update on the whole batch, and the logged loss is the global
+mean (an all-reduce of the ranks' target-weighted losses). Rank 0 alone writes the run directory, logs, shows
+progress, saves checkpoints and evaluates (under FSDP every rank evaluates, as the sharded forward needs them
+all; rank 0 writes). Checkpoints hold the plain model and full optimizer states, so a K-process run resumes
+on one process and the other way round. Random draws inside the forward (dropout) follow the same seed on
+every rank but cover a slice, not the batch: with them a K-process run is a different, equally valid run;
+sleepzoo's models draw none.
+
+Mixed precision (``train.autocast``): see :class:`Precision`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import difflib
 import fnmatch
+import functools
+import gc
 import hashlib
 import json
 import math
@@ -45,11 +64,12 @@ from torch import nn
 
 import sleepzoo
 
+from . import distributed, registry
+from .build import check_fit
 from .checkpoint import (atomic_write_json, atomic_write_text, capture_rng, latest_checkpoint, load_checkpoint,
                          load_weights, read_metadata, restore_rng, save_checkpoint, save_weights)
-from . import registry
-from .build import check_fit
 from .config import Recipe, RecipeError, TrainConfig, load_recipe
+from .engine import IGNORE_INDEX
 from .registry import SleepzooError
 from .report import HEADLINE, format_value
 
@@ -132,6 +152,10 @@ def _layer_mixers(model: nn.Module, layer_names: list[str] | None) -> list[tuple
     mixers = [getattr(block, "self_attn", None) for block in blocks]
     if layer_names is not None and len(layer_names) == len(mixers):
         return [(name, m) for name, m in zip(layer_names, mixers) if isinstance(m, nn.Module)]
+    # blocks that models insert beside their own (Ouro's sleep layers) are named from the registry too
+    extra = getattr(getattr(model, "model", None), "sleep_layers", None)
+    if isinstance(extra, nn.ModuleList):
+        mixers += [getattr(block, "self_attn", None) for block in extra]
     out = []
     for m in mixers:
         if not isinstance(m, nn.Module):
@@ -342,12 +366,19 @@ class MetricsLog:
 class _Reporter:
     """A rich progress bar on a terminal; otherwise one compact line per logged step."""
 
-    def __init__(self, total: int, start: int, enabled: bool):
+    def __init__(self, total: int, start: int, enabled: bool, silent: bool = False):
         self.total = total
         self.progress = None
-        if enabled and sys.stdout.isatty():
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+        self.silent = silent  # a rank other than 0: rank 0 reports for the whole group
+        if enabled and not silent and sys.stdout.isatty():
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
@@ -360,7 +391,7 @@ class _Reporter:
             self.progress.update(self.task_id, completed=done, loss=f"{loss:.4f}", tps=f"{tokens_per_s:,.0f}")
 
     def logged(self, record: dict) -> None:
-        if self.progress is None:
+        if self.progress is None and not self.silent:
             rate = record["tokens_per_s"]
             eta = (self.total - record["step"]) * record["elapsed_s"] / max(record["step"], 1)
             print(f"step {record['step']}/{self.total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
@@ -369,7 +400,7 @@ class _Reporter:
     def message(self, text: str) -> None:
         if self.progress is not None:
             self.progress.console.print(text)
-        else:
+        elif not self.silent:
             print(text, flush=True)
 
     def close(self) -> None:
@@ -447,7 +478,8 @@ def _plan(recipe: Recipe, model: nn.Module, task: Task) -> list[_Stage]:
             except SleepzooError as exc:
                 raise RecipeError(f"{where}: sleep.eviction: {exc}") from None
         try:
-            selected = select_parameters(model, staged.train.trainable, recipe.model.layers)
+            names = recipe.model.layers if recipe.model.name == "hybrid" else None  # others: from the registry
+            selected = select_parameters(model, staged.train.trainable, names)
         except SleepzooError as exc:
             raise RecipeError(f"{where}: {exc}") from None
         stage.trainable = {id(p) for _, p in selected}
@@ -477,22 +509,211 @@ def _resume_point(ckpt: Path, stages: list[_Stage]) -> int:
     return index
 
 
+AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.autocast
+
+
+class Precision:
+    """``train.autocast``: the dtype the training forward runs in, and the GradScaler float16 needs.
+
+    ``none``: everything float32, as without this setting. ``bf16`` / ``fp16``: the training forward runs
+    under ``torch.autocast(device_type, dtype)``, so matmuls, linear and convolution layers and attention run
+    in bfloat16 / float16 while autocast keeps norms, softmax and reductions in float32; the engine computes
+    the loss on float32 logits (the loss is float32) and the fast-weight recurrence in float32. Parameters,
+    gradients and optimizer states stay float32 (autocast casts copies, not the weights), the backward pass
+    and the optimizer step run outside autocast, and evaluation runs in float32. ``bf16`` runs on a CPU and
+    on CUDA devices that support bfloat16; ``fp16`` runs on CUDA only, with a ``torch.amp.GradScaler``
+    (loss scaled before backward, gradients unscaled before clipping, steps with inf/NaN gradients skipped),
+    whose state the checkpoints keep.
+    """
+
+    def __init__(self, mode: str, device: torch.device, source: str = "<recipe>"):
+        if mode not in AUTOCAST_DTYPES:
+            raise RecipeError(f"{source}: train.autocast: {mode!r} is not allowed; allowed: "
+                              f"{', '.join(AUTOCAST_DTYPES)}")
+        if mode == "fp16" and device.type != "cuda":
+            raise RecipeError(f"{source}: train.autocast: 'fp16' needs a CUDA device (train.device is "
+                              f"{str(device)!r}): float16 training needs a GradScaler, which sleepzoo runs on "
+                              f"CUDA only; use train.autocast=bf16 on a CPU")
+        if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise RecipeError(f"{source}: train.autocast: 'bf16' is not supported by "
+                              f"{torch.cuda.get_device_name(device)}; use train.autocast=fp16 or none")
+        self.mode, self.device = mode, device
+        self.dtype = AUTOCAST_DTYPES[mode]
+        self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def unscale(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Bring scaled gradients back to their true size (before clipping)."""
+        if self.scaler is not None:
+            for opt in optimizers:
+                self.scaler.unscale_(opt)
+
+    def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        if self.scaler is None:
+            for opt in optimizers:
+                opt.step()
+            return
+        for opt in optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return {} if self.scaler is None else {"grad_scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.pop("grad_scaler", None)
+        if self.scaler is not None and saved is not None:
+            self.scaler.load_state_dict(saved)
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's blocks (``model.layers`` or ``model.model.layers``), FSDP's unit of sharding."""
+    for owner in (model, getattr(model, "model", None)):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return list(layers)
+    return []
+
+
+def _shard(model: nn.Module, device: torch.device, source: str) -> nn.Module:
+    """FSDP2: shard every block, then the rest (embedding, norms, head) as the root; in place."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise SleepzooError(f"{source}: train.parallel: 'fsdp' needs torch.distributed.fsdp.fully_shard "
+                            f"(torch >= 2.6), which this torch ({torch.__version__}) lacks; use "
+                            f"train.parallel=ddp") from None
+    try:
+        for block in _blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+    except Exception as exc:
+        raise SleepzooError(f"{source}: train.parallel: 'fsdp' could not shard {type(model).__name__} on "
+                            f"{device.type} ({type(exc).__name__}: {exc}); use train.parallel=ddp") from exc
+    return model
+
+
+def _replicate(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over the parameters the current stage trains (built per stage: DDP fixes its set at construction).
+
+    ``find_unused_parameters``: a trained parameter need not take part in every forward (an early-exit
+    gate, a block a loop range skips); DDP then still finishes the step instead of waiting for it.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def _first_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+class _PlainTwin:
+    """A one-process copy of an FSDP-sharded model with its optimizers, to save and load checkpoints in
+    the plain format (full tensors, no sharding): a K-process FSDP run resumes on one process with DDP or
+    none, and the other way round. Holds a full copy of the weights (and, while saving or loading, of the
+    optimizer states) in CPU memory."""
+
+    def __init__(self, model: nn.Module):
+        self.model = copy.deepcopy(model).to("cpu")  # taken before sharding
+
+    def follow(self, stage_params: set[str], cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+        """Freeze what the stage freezes and build the stage's optimizers over the copy (same order)."""
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name in stage_params)
+        self.optimizers = build_optimizers(self.model, cfg)
+        names = _first_names(self.model)
+        self.order = [[names[id(p)] for p in group["params"]] for opt in self.optimizers
+                      for group in opt.param_groups]
+        return self.optimizers
+
+    def gather(self, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Collective: the sharded model's full weights and optimizer states into the copy."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=full)
+        states = [get_optimizer_state_dict(model, opt, options=full) for opt in optimizers]
+        if not distributed.is_main():
+            return
+        self.model.load_state_dict(weights, strict=False)  # a tied weight may be listed under one name
+        for twin, state in zip(self.optimizers, states):
+            names = [n for group in state["param_groups"] for n in group["params"]]
+            index = {n: i for i, n in enumerate(names)}
+            twin.load_state_dict({
+                "state": {index[n]: v for n, v in state["state"].items()},
+                "param_groups": [{**group, "params": [index[n] for n in group["params"]]}
+                                 for group in state["param_groups"]]})
+
+    def scatter(self, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+        """The copy's weights and optimizer states (every rank loaded them) into the sharded model."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, self.model.state_dict(), options=full)
+        for twin, opt in zip(self.optimizers, optimizers):
+            state = twin.state_dict()
+            names = [n for group in self.order for n in group]
+            set_optimizer_state_dict(model, opt, {
+                "state": {names[i]: v for i, v in state["state"].items()},
+                "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                 for group in state["param_groups"]]}, options=full)
+
+
+def _grad_norm(norm: torch.Tensor) -> float:
+    full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP
+    return float((full() if callable(full) else norm).item())
+
+
 def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Train ``recipe`` into ``out_dir``; return the final evaluation (also written to ``eval.json``).
 
     ``resume=True`` continues the run in ``out_dir`` from its newest checkpoint, exactly as if it had not
-    stopped; the recipe must be the run's own. A finished run is not trained again.
+    stopped; the recipe must be the run's own. A finished run is not trained again. Under torchrun this
+    joins the process group (and leaves it at the end); every rank returns the same evaluation.
     """
-    out = Path(out_dir)
-    cfg = recipe.train  # run-wide settings; with stages, steps is their total
-    staged = bool(recipe.stages)
+    cfg = recipe.train
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
+    started = distributed.setup(_device(cfg.device))
+    try:
+        return _train(recipe, Path(out_dir), resume, progress)
+    finally:
+        if started:
+            distributed.teardown()
+
+
+def _train(recipe: Recipe, out: Path, resume: bool, progress: bool) -> dict:
+    cfg = recipe.train  # run-wide settings; with stages, steps is their total
+    staged = bool(recipe.stages)
+    device = distributed.device_for(_device(cfg.device))
+    precision = Precision(cfg.autocast, device, recipe.source)
+    world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    fsdp = distributed.active() and cfg.parallel == "fsdp"
+    out = Path(distributed.broadcast_object(str(out)))  # rank 0's, should the ranks' defaults differ
     model, task = build(recipe)
+    twin = _PlainTwin(model) if fsdp else None
     model.to(device)
+    if fsdp:
+        _shard(model, device, recipe.source)
     stages = _plan(recipe, model, task)  # every stage checked before anything is written
-    _prepare_run_dir(out, recipe, resume)
+    distributed.on_main(lambda: _prepare_run_dir(out, recipe, resume))
     log = MetricsLog(out / "metrics.jsonl")
     ckpt_root = out / "checkpoints"
     everything = list({id(p): p for p in model.parameters()}.values())
@@ -503,31 +724,51 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress
         ckpt = latest_checkpoint(ckpt_root)
         first = _resume_point(ckpt, stages)
 
+    def evaluate_here(stage_recipe: Recipe) -> dict:
+        if fsdp:  # the sharded forward needs every rank; they all compute the same metrics
+            return evaluate(model, task, stage_recipe, device=device)
+        return distributed.on_main(lambda: evaluate(model, task, stage_recipe, device=device))
+
     reporter: _Reporter | None = None
     t_start = time.perf_counter()
     elapsed_before = 0.0
     model.train()
+    runner: nn.Module = model
     try:
         for stage in stages[first:]:
             scfg = stage.recipe.train
             params = _enter_stage(model, stage, everything)
             optimizers = build_optimizers(model, scfg)
             schedulers = build_schedulers(optimizers, scfg)
+            if twin is not None:
+                names = _first_names(model)
+                twin.follow({names[id(p)] for p in params}, scfg)
             start = stage.offset  # global step this stage starts (or resumes) at
             if ckpt is not None:
-                state = load_checkpoint(ckpt, model=model, optimizers=optimizers, schedulers=schedulers)
+                if twin is None:
+                    state = load_checkpoint(ckpt, model=model, optimizers=optimizers, schedulers=schedulers)
+                else:
+                    state = load_checkpoint(ckpt, model=twin.model, optimizers=twin.optimizers,
+                                            schedulers=schedulers)
+                    twin.scatter(model, optimizers)
                 start = state.pop("step")
                 for key in ("stage", "stage_index", "stage_step"):
                     state.pop(key, None)
+                precision.load_state_dict(state)
                 ckpt = None
-                log.truncate_after(start)
+                if main:
+                    log.truncate_after(start)
                 finished = out / "eval.json"
                 if start == cfg.steps and finished.is_file():
                     result = json.loads(finished.read_text())
                     if result.get("step") == start:
                         return result
+            if distributed.active() and not fsdp:
+                runner = model  # the previous stage's DDP and its gradient hooks go before the next comes
+                gc.collect()
+                runner = _replicate(model, device)
             if reporter is None:
-                reporter = _Reporter(cfg.steps, start, progress)
+                reporter = _Reporter(cfg.steps, start, progress, silent=not main)
                 elapsed_before = state["elapsed_s"]
                 t_start = time.perf_counter()
             if staged and start < stage.end:
@@ -540,30 +781,40 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress
             t_interval, tokens_interval = time.perf_counter(), 0
             for step in range(start, stage.end):
                 batch = task.generate(scfg.batch_size, seed=batch_seed(cfg.seed, step), split="train")
-                input_ids = batch["input_ids"].to(device)  # (B, T)
-                targets = batch["targets"].to(device)  # (B, T), -100 where no loss is taken
-                loss = model(input_ids, targets).loss
+                lo, hi = distributed.shard_bounds(scfg.batch_size, world, rank)  # this rank's rows
+                input_ids = batch["input_ids"][lo:hi].to(device)  # (B / world, T)
+                targets = batch["targets"][lo:hi].to(device)  # (B / world, T), -100 where no loss is taken
+                num_targets = int((targets != IGNORE_INDEX).sum())
+                total_targets = float(distributed.all_reduce_sum([num_targets])[0])
+                with precision.autocast():
+                    loss = runner(input_ids, targets).loss
                 if loss is None:
                     raise SleepzooError(f"the model returned no loss at step {step + 1}: the {recipe.task.name} "
                                         f"training batch has no targets")
+                loss = loss.float()
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if world > 1:  # alone, the loss is used as it is
+                    loss = loss * distributed.loss_weight(num_targets, total_targets, world)
+                precision.backward(loss)
+                precision.unscale(optimizers)
                 max_norm = scfg.grad_clip if scfg.grad_clip > 0 else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+                grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
                 lrs = [opt.param_groups[0]["lr"] for opt in optimizers]  # the rates this update uses
-                for opt in optimizers:
-                    opt.step()
+                precision.step(optimizers)
                 for sched in schedulers:
                     sched.step()
 
                 done = step + 1
                 loss_value = loss.item()
+                if world > 1:  # the mean over every target of the step, as one process computes it
+                    loss_value = float(distributed.all_reduce_sum([loss_value])[0]) / world
                 if not math.isfinite(loss_value):
                     raise SleepzooError(f"the training loss is {loss_value} at step {done}; lower train.muon_lr / "
                                         f"train.adamw_lr or train.grad_clip")
-                state["tokens"] += input_ids.numel()
-                tokens_interval += input_ids.numel()
+                step_tokens = batch["input_ids"].numel()  # the whole global batch
+                state["tokens"] += step_tokens
+                tokens_interval += step_tokens
                 state["loss_sum"] += loss_value
                 state["loss_count"] += 1
                 now = time.perf_counter()
@@ -577,14 +828,16 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress
                         record["adamw_lr"] = lrs[1]
                     record.update(grad_norm=grad_norm, tokens=state["tokens"], tokens_per_s=tokens_per_s,
                                   elapsed_s=elapsed_before + now - t_start)
-                    log.write(record)
+                    if main:
+                        log.write(record)
                     reporter.logged(record)
                     state["loss_sum"], state["loss_count"] = 0.0, 0
                     t_interval, tokens_interval = time.perf_counter(), 0
 
                 if (recipe.eval.every and done % recipe.eval.every == 0 and done != cfg.steps) or stage_ends:
-                    metrics = evaluate(model, task, stage.recipe, device=device)
-                    log.write({"step": done, **tag, "split": "test", **metrics})
+                    metrics = evaluate_here(stage.recipe)
+                    if main:
+                        log.write({"step": done, **tag, "split": "test", **metrics})
                     label = f"eval step {done}" + (f" (end of stage {stage.name})" if stage_ends else "")
                     reporter.message(f"{label}: {_short(metrics)}")
                     t_interval, tokens_interval = time.perf_counter(), 0  # evaluation time is not training speed
@@ -593,22 +846,35 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress
                     state["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
                     position = {} if stage.name is None else {
                         "stage": stage.name, "stage_index": stage.index, "stage_step": done - stage.offset}
-                    save_checkpoint(ckpt_root, done, model=model, optimizers=optimizers, schedulers=schedulers,
-                                    trainer_state={**state, **position}, keep=cfg.keep_checkpoints)
+                    saved_model, saved_optimizers = model, optimizers
+                    if twin is not None:
+                        twin.gather(model, optimizers)
+                        saved_model, saved_optimizers = twin.model, twin.optimizers
+                    distributed.on_main(functools.partial(
+                        save_checkpoint, ckpt_root, done, model=saved_model, optimizers=saved_optimizers,
+                        schedulers=schedulers, trainer_state={**state, **position, **precision.state_dict()},
+                        keep=cfg.keep_checkpoints))
     finally:
         if reporter is not None:
             reporter.close()
 
     last = stages[-1]
     elapsed = elapsed_before + time.perf_counter() - t_start
-    save_weights(model, out / "final" / "model.safetensors", metadata={"step": str(cfg.steps)})
-    metrics = evaluate(model, task, last.recipe, device=device)
+    if twin is not None:
+        twin.gather(model, optimizers)
+    distributed.on_main(lambda: save_weights(model if twin is None else twin.model, out / "final" / "model.safetensors",
+                                             metadata={"step": str(cfg.steps)}))
+    metrics = evaluate_here(last.recipe)
     tag = {} if last.name is None else {"stage": last.name}
-    log.write({"step": cfg.steps, **tag, "split": "test", **metrics})
     result = {"step": cfg.steps, "loops": last.recipe.sleep.loops, "window": last.recipe.sleep.window,
               "num_examples": recipe.eval.num_examples, "train_time_s": elapsed, **metrics}
-    atomic_write_json(out / "eval.json", result)
-    return result
+
+    def write_result() -> dict:
+        log.write({"step": cfg.steps, **tag, "split": "test", **metrics})
+        atomic_write_json(out / "eval.json", result)
+        return result
+
+    return distributed.on_main(write_result)
 
 
 # ---------------------------------------------------------------------------------------------------------
