@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
 from typing import Any
 
 from . import registry
 from .config import Recipe, RecipeError, check_kwargs
 
 
+def task_options(recipe: Recipe, cls: Any) -> dict[str, Any]:
+    """The task's options, with a pretrained model's tokenizer wired in.
+
+    When ``model.pretrained`` names a folder and the task takes a ``tokenizer`` option (gsm_infinite) that the
+    recipe does not set, the folder's ``tokenizer.json`` is used, so lengths are in the model's tokens. A
+    folder without one is an error (set ``task.tokenizer``). A folder that is not there yet (validating a
+    recipe before the download) leaves the task's default (the builtin tokenizer) standing in: building the
+    model then says that the folder is missing.
+    """
+    options = dict(recipe.task.options)
+    folder = recipe.model.pretrained
+    if folder is None or "tokenizer" in options or "tokenizer" not in inspect.signature(cls).parameters:
+        return options
+    path = Path(folder).expanduser()
+    if (path / "tokenizer.json").is_file():
+        options["tokenizer"] = str(path)
+    elif path.is_dir():
+        raise RecipeError(f"{recipe.source}: model.pretrained: {folder!r} has no tokenizer.json, which task "
+                          f"{recipe.task.name!r} would read its lengths in; copy it there or set task.tokenizer")
+    return options
+
+
 def build_task(recipe: Recipe) -> Any:
-    """The task named in ``recipe.task`` with its options checked against the task's constructor."""
+    """The task named in ``recipe.task`` with its options checked against the task's constructor (a
+    pretrained model's tokenizer wired in: :func:`task_options`)."""
     cls = registry.get("task", recipe.task.name)
     where = f"{recipe.source}: task"
-    task = cls(**check_kwargs(cls, recipe.task.options, where))
+    task = cls(**check_kwargs(cls, task_options(recipe, cls), where))
     check_fit(recipe, task)
     return task
 

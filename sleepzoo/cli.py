@@ -3,6 +3,7 @@
     sleepzoo train recipes/rule110-tiny.yaml sleep.loops=2 --out runs/tiny-N2
     sleepzoo train recipes/rule110-tiny.yaml sleep.loops=2 --out runs/tiny-N2 --resume
     sleepzoo eval runs/tiny-N2 --loops 4
+    sleepzoo convert runs/ouro-N4 ~/models/Ouro-1.4B-sleep-N4 --dtype bfloat16 --max-shard-size 2GB
     sleepzoo sweep recipes/repro/rule110.yaml sleep.loops=1,2,4 train.seed=0,1,2 --out runs/repro/rule110-loops
     sleepzoo compare runs/repro/rule110-loops/* --key sleep.loops --out docs/img/rule110-loops.png
     sleepzoo task show rule110 steps=2 states=1 -n 3
@@ -17,6 +18,7 @@ and exits with status 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -31,7 +33,7 @@ from rich.table import Table
 
 import sleepzoo
 
-from . import registry, report, sweep
+from . import distributed, registry, report, sweep
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import Recipe, RecipeError, apply_overrides, check_kwargs, load_recipe
 from .registry import SleepzooError
@@ -90,9 +92,12 @@ def train_command(recipe: str, overrides: tuple[str, ...], out_dir: str | None, 
         raise click.UsageError("--resume needs --out RUN_DIR (the run to continue)")
     parsed = load_recipe(recipe, overrides=list(overrides))
     out = Path(out_dir) if out_dir else Path("runs") / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    console = Console()
+    # Under torchrun every rank runs this command; rank 0 speaks for the group: it holds the run directory's
+    # lock (which covers the run they all train) and prints, the other ranks only report errors (stderr).
+    member = distributed.launched() and int(os.environ["RANK"]) != 0
+    console = Console(file=open(os.devnull, "w")) if member else Console()  # noqa: SIM115
     console.print(f"{'resuming' if resume else 'training'} {recipe} -> {out}")
-    with sweep.RunLock(out):  # one process per run directory at a time
+    with contextlib.nullcontext() if member else sweep.RunLock(out):  # one process per run directory at a time
         result = train(parsed, out, resume=resume, progress=not no_progress)
     console.print(report.metrics_table(result, title=f"final evaluation ({out})"))
     per_bucket = report.buckets_table(result, title="per bucket")
@@ -168,6 +173,40 @@ def generate_command(run_dir: str, prompt: str | None, num_prompts: int, max_new
         if expected is not None:
             line += f"   (expected first token: {task.vocab[expected]})"
         click.echo(f"  -> {line}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# convert
+
+
+@main.command("convert")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--dtype", help="Weights' dtype in DST, e.g. bfloat16 [default: a run's float32, a folder's "
+                              "config torch_dtype].")
+@click.option("--max-shard-size", help="Shard the weights above this size, e.g. 2GB, 500MB, 2GiB or bytes "
+                                       "(model-0000i-of-0000n.safetensors + model.safetensors.index.json) "
+                                       "[default: one model.safetensors].")
+@click.option("--force", is_flag=True, help="Write into a DST folder that already holds files.")
+def convert_command(src: str, dst: str, dtype: str | None, max_shard_size: str | None, force: bool) -> None:
+    """Write SRC as a Hugging Face-style folder DST (config.json + safetensors) that
+    sleepzoo.from_pretrained loads with the same logits.
+
+    SRC is a run directory of a jet_nemotron or ouro recipe (its newest weights, the last stage's sleep
+    settings recorded under config.json's "sleepzoo" key) or a Hugging Face folder (re-saved, e.g. with
+    --dtype bfloat16 or --max-shard-size). Tokenizer and licence files are copied along. See docs/pretrained.md.
+    """
+    from .pretrained import convert
+
+    summary = convert(src, dst, dtype=dtype, max_shard_size=max_shard_size, force=force)
+    what = (f"run {src} (weights {summary['weights']}, step {summary['step']})" if summary["source"] == "run"
+            else f"folder {src}")
+    click.echo(f"converted {what} -> {dst}: {summary['parameters']:,} parameters in {summary['dtype']}, "
+               f"{sum(f.endswith('.safetensors') for f in summary['files'])} safetensors file(s)")
+    if summary["sleepzoo"]:
+        click.echo(f"  sleepzoo settings in config.json: {json.dumps(summary['sleepzoo'])}")
+    click.echo(f"  copied: {', '.join(summary['copied'])}" if summary["copied"] else
+               "  no tokenizer files copied (none found next to the source)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -572,6 +611,78 @@ def sweep_command(recipe: str, grid: tuple[str, ...], out_dir: str, jobs: int, d
     if failures:
         listed = "; ".join(f"{name}: {why}" for name, why in failures.items())
         raise SleepzooError(f"{len(failures)} of {len(plan.runs)} runs failed: {listed}")
+
+
+@main.command("bench")
+@click.argument("suites", nargs=-1)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the run as pytest-benchmark JSON (readable by `pytest-benchmark compare`).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG with one panel per suite.")
+@click.option("--compare", "compare_path", type=click.Path(dir_okay=False), default=None,
+              help="A saved --json run (or pytest-benchmark JSON) to show beside this one.")
+@click.option("--size", type=click.Choice(["default", "tiny"]), default="default", show_default=True,
+              help="tiny: toy sizes that only check the machinery.")
+@click.option("--threads", type=int, default=None, help="torch.set_num_threads for the run (default: torch's).")
+@click.option("--list", "list_cases", is_flag=True, help="List the cases of the suites and exit.")
+def bench_command(suites: tuple[str, ...], json_path: str | None, plot_path: str | None, compare_path: str | None,
+                  size: str, threads: int | None, list_cases: bool) -> None:
+    """Measure the cost of sleep on this machine. SUITES: ops, loops, window, wake, memory (default: all).
+
+    \b
+      sleepzoo bench                                   # every suite, a table each and the acceptance checks
+      sleepzoo bench loops wake --json b.json --plot b.png
+      sleepzoo bench --compare b.json                  # this run beside a saved one
+    """
+    from . import benchmarks
+    from .benchmarks import output
+
+    chosen = list(suites) or list(benchmarks.SUITES)
+    for s in chosen:
+        if s not in benchmarks.SUITES:
+            raise SleepzooError(f"unknown benchmark suite {s!r}; suites: {', '.join(benchmarks.SUITES)}")
+    saved = benchmarks.saved_medians(benchmarks.load_json(compare_path)) if compare_path else None  # fail early
+    if threads is not None:
+        if threads < 1:
+            raise SleepzooError(f"--threads {threads} must be >= 1")
+        torch.set_num_threads(threads)
+    console = Console() if sys.stdout.isatty() else Console(width=160)  # a log keeps whole rows
+    if list_cases:
+        for s in chosen:
+            for case in benchmarks.cases(s, size):
+                console.print(f"{case.fullname:<40} {case.group}", markup=False, highlight=False)
+        return
+    total = sum(len(benchmarks.cases(s, size)) for s in chosen)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    started = time.perf_counter()
+    with Progress(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[case]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
+        task = progress.add_task("bench", total=total, case="")
+
+        def on_case(case: Any, result: Any) -> None:
+            if result is None:
+                progress.update(task, case=case.fullname)
+            else:
+                progress.advance(task)
+                if not console.is_terminal:
+                    ms = "" if result.median is None else f" {result.median * 1e3:.2f} ms"
+                    click.echo(f"done {case.fullname}{ms}", err=True)
+
+        results = benchmarks.run(chosen, size=size, on_case=on_case)
+    elapsed = time.perf_counter() - started
+    for table in output.results_tables(results, saved):
+        console.print(table)
+    found = benchmarks.checks(results)
+    if found:
+        console.print(output.checks_table(found))
+    console.print(f"{len(results)} cases in {elapsed:.0f} s, torch {torch.__version__}, "
+                  f"{torch.get_num_threads()} threads", markup=False, highlight=False)
+    if json_path:
+        console.print(f"wrote {benchmarks.write_json(results, json_path, chosen)}", markup=False, highlight=False)
+    if plot_path:
+        console.print(f"wrote {output.plot(results, plot_path)}", markup=False, highlight=False)
 
 
 if __name__ == "__main__":  # `python -m sleepzoo.cli ...` works like the `sleepzoo` script

@@ -1,8 +1,13 @@
-"""Pretrained models from a user's local folder: ``config.json`` + safetensors weights (SPEC 3).
+"""Pretrained models from a user's local folder: ``config.json`` + safetensors weights (SPEC 3, docs/pretrained.md).
 
-    model = from_pretrained("~/models/Jet-Nemotron-2B")                  # as published: one pass, loops 1
-    model = from_pretrained(folder, sleep=SleepConfig(window=2048, loops=4))
-    save_pretrained(model, "out/")                                       # config.json + model.safetensors
+    import sleepzoo
+    model = sleepzoo.from_pretrained("~/models/Jet-Nemotron-2B")          # as published: one pass, loops 1
+    model = sleepzoo.from_pretrained(folder, window=2000, loops=4)         # sleep settings as overrides
+    model = sleepzoo.from_pretrained("~/models/Ouro-1.4B", wake_passes=1, sleep_layers=[3, 7, 11, 15, 19, 23])
+    with torch.device("meta"):
+        model = sleepzoo.from_config("shared/reference/ouro-1.4b.config.json")   # shapes only, no memory
+    save_pretrained(model, "out/", max_shard_size="2GB")                  # config.json + (sharded) safetensors
+    convert("runs/jet-N4", "out/jet-N4")                                   # a run's weights as such a folder
 
 The folder holds either ``model.safetensors`` or a sharded ``model.safetensors.index.json`` whose
 ``weight_map`` names, for every tensor, the shard file holding it. The model class is chosen by the config's
@@ -10,13 +15,33 @@ The folder holds either ``model.safetensors`` or a sharded ``model.safetensors.i
 a time into a model built on the meta device and then materialised, so loading never holds two copies.
 Names and shapes are checked from the files' headers before any tensor is read; all problems are reported
 together, by name. sleepzoo never ships weights (Jet-Nemotron's are under a non-commercial licence).
+
+**Overrides** (keyword arguments of :func:`from_pretrained` and :func:`from_config`, :func:`allowed_overrides`):
+the sleep settings ``window``, ``loops``, ``eviction``, ``sleep_every``, ``checkpoint`` (see
+:class:`sleepzoo.config.SleepConfig`; default the published behaviour: a window of ``max_position_embeddings``
+tokens, one pass), and each model's own: Jet-Nemotron ``loop_start`` / ``loop_end`` (the looped blocks,
+default 7..20 of 28); Ouro ``wake_passes`` (loop steps of the wake pass, default ``total_ut_steps``),
+``sleep_layers`` (loop-body layers followed by an inserted Jet layer) and ``sleep_layer_options`` (their
+JetBlock sizes). An unknown name is an error that lists the allowed ones.
+
+**config.json's ``sleepzoo`` key.** :func:`save_pretrained` writes the settings of the model that differ from
+the published model's (sleep settings, loop range, wake_passes, inserted sleep layers) under ``"sleepzoo"``,
+by their override names; :func:`from_pretrained` applies them before the caller's overrides, so a saved model
+comes back as it was. The published Jet-Nemotron code ignores the key (Hugging Face configs keep unknown
+fields). An Ouro with inserted sleep layers can not be loaded by the published Ouro code (it has no such
+layers and would drop their weights); its folder has no ``auto_map``, so transformers refuses it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
+import inspect
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,8 +49,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .checkpoint import CheckpointError, _listing, check_weight_names, save_weights
-from .config import SleepConfig
+from .checkpoint import (CheckpointError, _listing, _save_tensors, _unique_state_dict, check_weight_names,
+                         save_weights)
+from .config import ModelConfig, RecipeError, SleepConfig
 from .models.base import read_config_json
 from .registry import SleepzooError
 
@@ -57,14 +83,120 @@ def model_class(model_type: Any) -> type:
     return cls
 
 
-def from_config(config: dict | str | Path, *, sleep: SleepConfig | None = None) -> nn.Module:
-    """A randomly initialised model of the config's ``model_type`` (a dict, config.json, or its folder)."""
+SLEEPZOO_KEY = "sleepzoo"  # config.json's key for sleepzoo's own settings (see the module docstring)
+SLEEP_OVERRIDES = ("window", "loops", "eviction", "sleep_every", "checkpoint")  # SleepConfig's fields
+SAVED_SLEEP = ("window", "loops", "eviction", "sleep_every")  # what save_pretrained records (not checkpoint)
+# Where the weights come from (the folder names are the ones the docs and recipes use).
+DOWNLOAD = {
+    "jet_nemotron": "huggingface-cli download jet-ai/Jet-Nemotron-2B --local-dir ~/models/Jet-Nemotron-2B",
+    "ouro": "huggingface-cli download ByteDance/Ouro-1.4B --local-dir ~/models/Ouro-1.4B",
+}
+# Files of a Hugging Face folder that travel with the weights on convert (tokenizer, generation, licence).
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+              "merges.txt", "tokenizer.model", "generation_config.json", "LICENSE", "LICENSE.md", "LICENSE.txt",
+              "NOTICE")
+
+
+def _model_overrides(cls: type) -> tuple[str, ...]:
+    configure = getattr(cls, "configure", None)
+    if configure is None:
+        return ()
+    return tuple(n for n, p in inspect.signature(configure).parameters.items() if p.kind == p.KEYWORD_ONLY)
+
+
+def allowed_overrides(model_type: str) -> tuple[str, ...]:
+    """The override names that :func:`from_pretrained` / :func:`from_config` accept for ``model_type``."""
+    return SLEEP_OVERRIDES + _model_overrides(model_class(model_type))
+
+
+def _split_overrides(model_type: str, overrides: dict[str, Any], where: str) -> tuple[dict, dict]:
+    """(sleep settings, model settings) of ``overrides``; an unknown name is an error listing the allowed."""
+    cls = model_class(model_type)
+    own = _model_overrides(cls)
+    unknown = sorted(k for k in overrides if k not in SLEEP_OVERRIDES and k not in own)
+    if unknown:
+        others = {t: _model_overrides(model_class(t)) for t in MODEL_TYPES if t != model_type}
+        hints = [f"{k} is {t}'s" for k in unknown for t, names in others.items() if k in names]
+        hints += [f"did you mean {close[0]!r}?" for k in unknown
+                  for close in [difflib.get_close_matches(k, SLEEP_OVERRIDES + own, n=1, cutoff=0.6)] if close]
+        raise SleepzooError(f"{where}: unknown override(s) {', '.join(unknown)} for model_type {model_type!r}"
+                            + (f" ({'; '.join(hints)})" if hints else "")
+                            + f"; allowed: {', '.join(SLEEP_OVERRIDES + own)}")
+    sleep = {k: v for k, v in overrides.items() if k in SLEEP_OVERRIDES}
+    return sleep, {k: v for k, v in overrides.items() if k in own}
+
+
+def published_sleep(config: dict) -> SleepConfig:
+    """The published behaviour: one pass over a window of ``max_position_embeddings`` tokens (so no eviction
+    for any input the model was trained for)."""
+    window = config.get("max_position_embeddings")
+    return SleepConfig(window=window if isinstance(window, int) and window >= 1 else 32768, loops=1)
+
+
+def _sleep_config(base: SleepConfig, settings: dict[str, Any], where: str) -> SleepConfig:
+    """``base`` with ``settings`` applied (None keeps a setting, except sleep_every where None means every
+    window), checked as a recipe's sleep section is."""
+    sleep = dataclasses.replace(base, **{k: v for k, v in settings.items() if v is not None or k == "sleep_every"})
+    for name in ("window", "loops"):
+        value = getattr(sleep, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SleepzooError(f"{where}: {name}={value!r} must be an integer >= 1")
+    every = sleep.sleep_every
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= sleep.window):
+        raise SleepzooError(f"{where}: sleep_every={every!r} must be an integer in [1, window={sleep.window}] "
+                            f"(None: every window)")
+    if every not in (None, sleep.window) and sleep.eviction == "full_flush":
+        raise SleepzooError(f"{where}: sleep_every={every} needs eviction='sliding_window' (full_flush sleeps on "
+                            f"whole windows)")
+    if not isinstance(sleep.checkpoint, bool):
+        raise SleepzooError(f"{where}: checkpoint={sleep.checkpoint!r} must be true or false")
+    from . import registry
+    registry.get("eviction", sleep.eviction)  # an unknown policy fails now, with the known names
+    return sleep
+
+
+def _stored_settings(config: dict, where: str, sleep: SleepConfig | None) -> dict[str, Any]:
+    """config.json's ``sleepzoo`` settings (popped from ``config``); its sleep settings are left out when the
+    caller gives ``sleep`` (an explicit sleep setting wins over a stored one)."""
+    stored = config.pop(SLEEPZOO_KEY, None) or {}
+    if not isinstance(stored, dict):
+        raise SleepzooError(f"{where}: {SLEEPZOO_KEY} must be a mapping of sleepzoo settings, got {stored!r}")
+    if sleep is not None:
+        stored = {k: v for k, v in stored.items() if k not in SLEEP_OVERRIDES}
+    return stored
+
+
+def _build(config: dict, path: Path | None, *, sleep: SleepConfig | None, settings: dict[str, Any]) -> nn.Module:
+    """The model of ``config`` (its ``sleepzoo`` key already popped) on the current default device, with
+    ``settings`` (sleep and model overrides) applied."""
+    where = str(path) if path is not None else "config"
+    if "model_type" not in config:
+        raise SleepzooError(f"{where}: missing required field model_type (one of {', '.join(sorted(MODEL_TYPES))})")
+    model_type = config["model_type"]
+    cls = model_class(model_type)
+    sleep_settings, model_settings = _split_overrides(model_type, settings, where)
+    try:
+        model = cls.from_config(config, sleep=None)
+    except SleepzooError as exc:  # name the file, not "config"
+        if path is None:
+            raise
+        raise SleepzooError(f"{where}: {str(exc).removeprefix('config: ')}") from None
+    if model_settings:
+        model.configure(**model_settings)
+    model.sleep = _sleep_config(sleep if sleep is not None else published_sleep(config), sleep_settings, where)
+    return model
+
+
+def from_config(config: dict | str | Path, *, sleep: SleepConfig | None = None, **overrides: Any) -> nn.Module:
+    """A randomly initialised model of the config's ``model_type`` (a dict, config.json, or its folder).
+
+    ``sleep`` is the base sleep setting (default :func:`published_sleep`); ``overrides`` are sleep settings
+    and the model's own (:func:`allowed_overrides`), applied over the config's ``sleepzoo`` key. Under
+    ``with torch.device("meta")`` nothing is allocated (shapes and parameter counts only).
+    """
     data, path = read_config_json(config)
-    if "model_type" not in data:
-        raise SleepzooError(f"{path or 'config'}: missing required field model_type (one of "
-                            f"{', '.join(sorted(MODEL_TYPES))})")
-    cls = model_class(data["model_type"])
-    return cls.from_config(data if path is None else path, sleep=sleep)
+    stored = _stored_settings(data, str(path or "config"), sleep)
+    return _build(data, path, sleep=sleep, settings={**stored, **overrides})
 
 
 def _resolve_dtype(dtype: Any, config: dict) -> torch.dtype:
@@ -142,7 +274,8 @@ def check_weights(model: nn.Module, shapes: dict[str, list[int]], *, strict: boo
 
 
 def from_pretrained(folder: str | Path, *, dtype: Any = None, strict: bool = True,
-                    sleep: SleepConfig | None = None, device: str | torch.device = "cpu") -> nn.Module:
+                    sleep: SleepConfig | None = None, device: str | torch.device = "cpu",
+                    **overrides: Any) -> nn.Module:
     """Build the model of ``folder/config.json`` and load its safetensors weights (single file or sharded).
 
     Args:
@@ -150,29 +283,53 @@ def from_pretrained(folder: str | Path, *, dtype: Any = None, strict: bool = Tru
         dtype: parameter dtype (torch.dtype or name); default the config's torch_dtype, else float32.
         strict: missing and unexpected tensors are errors (mis-shaped ones always are). With ``strict=False``
             a missing tensor keeps its random initialisation.
-        sleep: sleep settings; default the published behaviour (one pass, no eviction within
-            max_position_embeddings tokens).
+        sleep: base sleep settings; default the published behaviour (one pass, no eviction within
+            max_position_embeddings tokens), or what config.json's ``sleepzoo`` key records.
         device: where the weights go (default cpu).
+        overrides: sleep settings (``window``, ``loops``, ``eviction``, ``sleep_every``, ``checkpoint``) and the
+            model's own (Jet-Nemotron ``loop_start``, ``loop_end``; Ouro ``wake_passes``, ``sleep_layers``,
+            ``sleep_layer_options``); :func:`allowed_overrides`. Layers they add (Ouro's sleep layers) are
+            initialised after the weights are loaded (their ``o_proj`` zero: the function is unchanged).
 
     Returns the model in eval mode.
     """
     folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise SleepzooError(f"pretrained folder {str(folder)!r} does not exist (a local folder with config.json and "
+                            f"safetensors weights, e.g. `{DOWNLOAD['jet_nemotron']}`)")
     config, config_path = read_config_json(folder)
+    stored = _stored_settings(config, str(config_path), sleep)
     if "model_type" not in config:
         raise SleepzooError(f"{config_path}: missing required field model_type (one of "
                             f"{', '.join(sorted(MODEL_TYPES))})")
-    cls = model_class(config["model_type"])
+    _split_overrides(config["model_type"], {**stored, **overrides}, str(config_path))  # names first, cheaply
     dtype = _resolve_dtype(dtype, config)
     where = weight_files(folder)
+    # The architecture the files hold: the config and its stored settings; the caller's overrides come after
+    # loading (an Ouro sleep layer they add is not in the files).
+    model = _load(lambda: _build(dict(config), config_path, sleep=sleep, settings=stored), where, dtype=dtype,
+                  strict=strict, device=device, source=f"weights in {str(folder)!r}")
+    if overrides:
+        _, model_settings = _split_overrides(config["model_type"], overrides, str(config_path))
+        if model_settings:
+            model.configure(**model_settings)
+        sleep_settings = {k: v for k, v in overrides.items() if k in SLEEP_OVERRIDES}
+        model.sleep = _sleep_config(model.sleep, sleep_settings, str(config_path))
+    return model.eval()
+
+
+def _load(build: Any, where: dict[str, Path], *, dtype: torch.dtype, strict: bool, device: str | torch.device,
+          source: str) -> nn.Module:
+    """``build()`` on the meta device, names and shapes checked against the files' headers, then materialised
+    on ``device`` in ``dtype`` and filled tensor by tensor (memory-mapped) from the files in ``where``."""
     shapes = _shapes(where)
-    # Meta first: names and shapes are checked against the headers before a byte of memory is spent.
-    with torch.device("meta"):
-        model = cls.from_config(config_path, sleep=sleep)
-    missing = check_weights(model, shapes, strict=strict, source=f"weights in {str(folder)!r}")
+    with torch.device("meta"):  # names and shapes are checked before a byte of memory is spent
+        model = build()
+    missing = check_weights(model, shapes, strict=strict, source=source)
     if missing:
         # Tensors the files do not provide need their initialisation: build for real (strict=False only).
         with torch.device(device):
-            model = cls.from_config(config_path, sleep=sleep)
+            model = build()
         model.to(dtype)
     else:
         model.to(dtype)  # on meta: only the recorded dtype changes
@@ -190,7 +347,7 @@ def from_pretrained(folder: str | Path, *, dtype: Any = None, strict: bool = Tru
                 for name in names:
                     own[name].copy_(f.get_tensor(name))  # copy_ casts to the parameter's dtype and device
     _check_no_buffers_left(model, where, missing)
-    return model.eval()
+    return model
 
 
 def _check_no_buffers_left(model: nn.Module, where: dict[str, Path], missing: Sequence[str]) -> None:
@@ -202,22 +359,235 @@ def _check_no_buffers_left(model: nn.Module, where: dict[str, Path], missing: Se
                             f"from the meta device can not fill; compute them on the fly instead")
 
 
-def save_pretrained(model: nn.Module, folder: str | Path) -> None:
-    """Write ``folder/config.json`` (the model's ``hf_config``, torch_dtype set to its weights' dtype) and
-    ``folder/model.safetensors`` (a tied weight once, under its first name: no lm_head key when tied), so that
-    :func:`from_pretrained` rebuilds the same model."""
+def on_meta() -> bool:
+    """True inside ``with torch.device("meta")`` (how ``sleepzoo recipe validate`` builds models)."""
+    return torch.get_default_device().type == "meta"
+
+
+def build_pretrained(model_type: str, config: ModelConfig, *, sleep: SleepConfig | None,
+                     reference: dict[str, Any]) -> nn.Module:
+    """A recipe's pretrained model: ``model.pretrained`` (a local folder, weights loaded in float32, the
+    training precision) or ``model.hf_config`` (a config dict or path, random weights), else ``reference``
+    (the published architecture, random weights); with ``sleep`` (the recipe's sleep section).
+
+    On the meta device no weights are read: a folder's config.json gives the shapes (its weights' names and
+    shapes are checked against them when present), and a folder that is not there yet stands for the
+    published architecture (``reference``), so a recipe validates before the download. Anywhere else a
+    missing folder is a RecipeError with the download command.
+    """
+    folder = config.pretrained
+    if folder is not None:
+        path = Path(folder).expanduser()
+        if on_meta():
+            if not (path / CONFIG_NAME).is_file():
+                return from_config(reference, sleep=sleep)
+            model = from_config(path, sleep=sleep)
+            if (path / WEIGHTS_NAME).is_file() or (path / INDEX_NAME).is_file():
+                check_weights(model, _shapes(weight_files(path)), source=f"weights in {str(path)!r}")
+        else:
+            if not path.is_dir():
+                raise RecipeError(f"model.pretrained: {folder!r} does not exist; download the weights first, e.g. "
+                                  f"`{DOWNLOAD.get(model_type, DOWNLOAD['jet_nemotron'])}` (see docs/pretrained.md)")
+            model = from_pretrained(path, dtype=torch.float32, sleep=sleep)
+    else:
+        model = from_config(config.hf_config if config.hf_config is not None else reference, sleep=sleep)
+    return model
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``size``: an integer, or a string such as ``"5GB"``, ``"500MB"``, ``"2GiB"`` (GB = 10**9 as
+    in Hugging Face's max_shard_size, GiB = 2**30)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), flags=re.IGNORECASE)
+        if m is None:
+            raise SleepzooError(f"max_shard_size {size!r}: give bytes or a size such as 5GB, 500MB, 2GiB")
+        unit = m.group(2).upper().rstrip("B")
+        scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                 "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+        value = int(float(m.group(1)) * scale)
+    if value < 1:
+        raise SleepzooError(f"max_shard_size {size!r} must be positive")
+    return value
+
+
+def sleepzoo_settings(model: nn.Module) -> dict[str, Any]:
+    """What config.json's ``sleepzoo`` key records for ``model``: its sleep settings when they differ from the
+    published behaviour, and the model's own settings that differ from the defaults."""
+    out: dict[str, Any] = {}
+    sleep = getattr(model, "sleep", None)
+    config = getattr(model, "hf_config", {}) or {}
+    if isinstance(sleep, SleepConfig):
+        published = published_sleep(config)
+        if any(getattr(sleep, k) != getattr(published, k) for k in SAVED_SLEEP):
+            out.update({k: getattr(sleep, k) for k in SAVED_SLEEP})
+    own = getattr(model, "sleepzoo_settings", None)
+    if callable(own):
+        out.update(own())
+    return out
+
+
+def save_pretrained(model: nn.Module, folder: str | Path, *, max_shard_size: int | str | None = None) -> list[Path]:
+    """Write ``folder/config.json`` and the weights so that :func:`from_pretrained` rebuilds the same model.
+
+    config.json is the model's ``hf_config`` with torch_dtype set to its weights' dtype and, when the model
+    differs from the published one (sleep settings, loop range, wake_passes, inserted sleep layers), those
+    settings under ``"sleepzoo"``. Weights go to ``model.safetensors`` (a tied weight once, under its first
+    name: no lm_head key when tied), or, above ``max_shard_size`` bytes (an int or "2GB"), to shards
+    ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json`` as Hugging Face writes them.
+    Weight files of an earlier save in the folder are replaced. Returns the files written.
+    """
     config = getattr(model, "hf_config", None)
     if not isinstance(config, dict):
-        raise SleepzooError(f"{type(model).__name__} has no hf_config (the config it was built from): only models "
-                            f"built by sleepzoo.pretrained can be saved this way")
+        raise SleepzooError(f"{type(model).__name__} has no hf_config (the config it was built from): only "
+                            f"jet_nemotron and ouro models can be saved in the Hugging Face layout")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = dict(config)
+    config = {k: v for k, v in config.items() if k != SLEEPZOO_KEY}
     dtypes = {p.dtype for p in model.parameters()}
     if len(dtypes) == 1:
         config["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.")
         config.pop("dtype", None)
-    save_weights(model, folder / WEIGHTS_NAME)  # atomic; ties stored once
+    settings = sleepzoo_settings(model)
+    if settings:
+        config[SLEEPZOO_KEY] = settings
+    if settings.get("sleep_layers"):
+        # The published Ouro code has no sleep layers: without auto_map transformers refuses the folder
+        # instead of loading it and silently dropping their weights.
+        config.pop("auto_map", None)
+    tensors = _unique_state_dict(model)
+    sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
+    for old in [folder / INDEX_NAME, folder / WEIGHTS_NAME, *folder.glob("model-*-of-*.safetensors")]:
+        old.unlink(missing_ok=True)
+    written: list[Path] = []
+    if limit is None or sum(sizes.values()) <= limit:
+        save_weights(model, folder / WEIGHTS_NAME)  # atomic; ties stored once
+        written.append(folder / WEIGHTS_NAME)
+    else:
+        shards: list[list[str]] = [[]]
+        used = 0
+        for name, size in sizes.items():  # in state-dict order; a tensor larger than the limit gets its own shard
+            if shards[-1] and used + size > limit:
+                shards.append([])
+                used = 0
+            shards[-1].append(name)
+            used += size
+        n = len(shards)
+        weight_map = {}
+        for i, names in enumerate(shards, start=1):
+            file = folder / f"model-{i:05d}-of-{n:05d}.safetensors"
+            tmp = folder / f".{file.name}.tmp"
+            _save_tensors({k: tensors[k] for k in names}, tmp, metadata={"format": "pt"})
+            os.replace(tmp, file)
+            weight_map.update({k: file.name for k in names})
+            written.append(file)
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        tmp = folder / f".{INDEX_NAME}.tmp"
+        tmp.write_text(json.dumps(index, indent=2) + "\n")
+        os.replace(tmp, folder / INDEX_NAME)
+        written.append(folder / INDEX_NAME)
     tmp = folder / f".{CONFIG_NAME}.tmp"
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     os.replace(tmp, folder / CONFIG_NAME)
+    written.append(folder / CONFIG_NAME)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------
+# convert: a run or a folder -> a Hugging Face-style folder
+
+
+def _run_weights(run: Path) -> tuple[Path, int | None]:
+    """A run's newest weights file (final, else the newest checkpoint) and its step."""
+    from .checkpoint import latest_checkpoint, read_metadata
+
+    final = run / "final" / WEIGHTS_NAME
+    if final.is_file():
+        step = read_metadata(final).get("step")
+        return final, int(step) if step is not None else None
+    ckpt = latest_checkpoint(run / "checkpoints")
+    if ckpt is None:
+        raise SleepzooError(f"{str(run)!r} has no weights yet (no final/model.safetensors and no checkpoint)")
+    return ckpt / WEIGHTS_NAME, int(ckpt.name.split("_")[1])
+
+
+def _load_run(run: Path, dtype: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a run directory with its newest weights, without reading the pretrained folder's weights
+    (the architecture comes from the recipe: the folder's config.json, or the published one if it is gone)."""
+    import sleepzoo
+
+    from . import registry
+    from .config import load_recipe
+
+    recipe = load_recipe(run / "recipe.yaml")
+    if recipe.model.name not in MODEL_TYPES:
+        raise SleepzooError(f"{str(run)!r} trained a {recipe.model.name!r} model; convert writes Hugging Face "
+                            f"folders of {', '.join(sorted(MODEL_TYPES))} models only")
+    file, step = _run_weights(run)
+    vocab = None
+    if recipe.model.pretrained is None and recipe.model.hf_config is None:
+        vocab = sleepzoo.build_task(recipe).vocab_size  # a model built from scratch takes the task's vocabulary
+    sleep = recipe.stage_recipes()[-1][1].sleep  # the weights are the last stage's: its sleep settings
+    builder = registry.get("model", recipe.model.name)
+
+    def build() -> nn.Module:
+        return builder(recipe.model, vocab_size=vocab, sleep=sleep)
+
+    with safe_open(str(file), framework="pt") as f:
+        names = list(f.keys())
+    where = {n: file for n in names}
+    model = _load(build, where, dtype=_resolve_dtype(dtype or "float32", {}), strict=True, device="cpu",
+                  source=f"weights {str(file)!r}")
+    info = {"source": "run", "weights": str(file), "step": step, "pretrained": recipe.model.pretrained,
+            "tokenizer": recipe.task.options.get("tokenizer")}
+    return model.eval(), info
+
+
+def convert(src: str | Path, dst: str | Path, *, dtype: Any = None, max_shard_size: int | str | None = None,
+            force: bool = False) -> dict[str, Any]:
+    """Write ``src`` as a Hugging Face-style folder ``dst`` (config.json + safetensors, sharded above
+    ``max_shard_size``) that :func:`from_pretrained` loads back with the same logits.
+
+    ``src`` is a sleepzoo run directory (recipe.yaml + checkpoints, from a jet_nemotron or ouro recipe: its
+    newest weights with the last stage's sleep settings, kept in float32 unless ``dtype``) or a Hugging Face
+    folder (re-saved, e.g. in another ``dtype``). Tokenizer, generation and licence files
+    (:data:`SIDE_FILES`) are copied from the source folder (for a run: from its ``task.tokenizer`` path, else
+    its ``model.pretrained`` folder, when there). ``dst`` must not hold files unless ``force``.
+    Returns a summary (source kind, files written, parameters, dtype).
+    """
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if not src.exists():
+        raise SleepzooError(f"convert: {str(src)!r} does not exist")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise SleepzooError("convert: DST must differ from SRC (write the new folder elsewhere)")
+    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not force)):
+        raise SleepzooError(f"convert: {str(dst)!r} already exists and is not an empty folder; choose another DST "
+                            f"or pass --force to replace the weights and config in it")
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
+    if (src / "recipe.yaml").is_file():
+        model, info = _load_run(src, dtype)
+        side_dirs = [Path(p).expanduser() for p in (info["tokenizer"], info["pretrained"])
+                     if isinstance(p, str) and p != "builtin"]
+    elif (src / CONFIG_NAME).is_file():
+        model = from_pretrained(src, dtype=dtype)
+        info = {"source": "folder"}
+        side_dirs = [src]
+    else:
+        raise SleepzooError(f"convert: {str(src)!r} is neither a sleepzoo run directory (recipe.yaml) nor a "
+                            f"Hugging Face folder (config.json + safetensors)")
+    written = save_pretrained(model, dst, max_shard_size=limit)
+    copied = []
+    for directory in side_dirs:
+        directory = directory.parent if directory.is_file() else directory
+        if not directory.is_dir():
+            continue
+        for name in SIDE_FILES:
+            if (directory / name).is_file() and not (dst / name).exists():
+                shutil.copyfile(directory / name, dst / name)
+                copied.append(name)
+    params = {id(p): p.numel() for p in model.parameters()}
+    return {**info, "dst": str(dst), "files": [str(p) for p in written], "copied": copied,
+            "parameters": sum(params.values()), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "sleepzoo": sleepzoo_settings(model)}

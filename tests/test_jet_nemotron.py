@@ -325,3 +325,17 @@ def test_bad_loop_range_and_builder():
     assert isinstance(model, JetNemotronLM) and model.loop_range == (1, 3)
     with pytest.raises(SleepzooError, match="vocab_size"):
         build_jet_nemotron(cfg, vocab_size=1000)
+
+
+def test_configure_loop_range_and_saved_settings(tmp_path):
+    model = tiny_model()
+    assert model.sleepzoo_settings() == {}  # defaults are not recorded
+    model.configure(loop_start=2)
+    assert model.loop_range == (2, 5) and model.sleepzoo_settings() == {"loop_start": 2, "loop_end": 5}
+    with pytest.raises(SleepzooError, match=r"loop_start/loop_end: \[2, 9\]"):
+        model.configure(loop_end=9)
+    save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["sleepzoo"] == {"loop_start": 2, "loop_end": 5}
+    assert JetNemotronLM.from_config(tmp_path).loop_range == (1, 5)  # the class ignores the key ...
+    assert from_pretrained(tmp_path).loop_range == (2, 5)  # ... sleepzoo.from_pretrained applies it

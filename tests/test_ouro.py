@@ -305,3 +305,34 @@ def test_unknown_and_unsupported_config_fields_are_named(tmp_path):
                                 "wake_passes": 2}))
     assert OuroLM.from_config(tmp_path).wake_passes == 2
     assert OuroLM.from_config(path, wake_passes=1).loop_range == (0, 1)
+
+
+def test_save_pretrained_round_trip_with_sleep_layers(tmp_path):
+    """hf_config is the published config; inserted sleep layers and wake_passes go under "sleepzoo", so
+    from_pretrained rebuilds the same model (the published Ouro code could not: no auto_map is written)."""
+    from sleepzoo.pretrained import from_pretrained, save_pretrained
+
+    model = tiny_model(seed=3, wake_passes=2)
+    assert model.hf_config["total_ut_steps"] == 3 and "wake_passes" not in model.hf_config
+    insert_jet_layers(model, after=(0, 2), num_heads=2, head_dim=4, expand_v=1.0, dconv_generator_reduction=2)
+    with torch.no_grad():
+        for layer in model.model.sleep_layers:
+            layer.self_attn.o_proj.weight.normal_(0, 0.3)
+    save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["sleepzoo"]["sleep_layers"] == [0, 2] and config["sleepzoo"]["wake_passes"] == 2
+    loaded = from_pretrained(tmp_path, window=4, loops=2)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids, window=4, loops=2).logits)
+    with pytest.raises(SleepzooError, match="already has sleep layers after \\[0, 2\\]"):
+        loaded.configure(sleep_layers=[1])
+    loaded.configure(sleep_layers=[0, 2])  # the same positions: nothing to do
+
+
+def test_tied_ouro_stays_tied():
+    model = OuroLM.from_config({**TINY, "tie_word_embeddings": True})
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -84,7 +84,8 @@ OPTIONAL = {"model_type": MODEL_TYPE, "rms_norm_eps": 1e-6, "rope_theta": 10000.
 # field that only matters with use_sliding_window, which must be false (Jet's windows are its swa layers).
 HARMLESS = ("architectures", "auto_map", "transformers_version", "use_cache", "bos_token_id", "eos_token_id",
             "pad_token_id", "attention_dropout", "max_window_layers", "sliding_window", "_name_or_path",
-            "output_attentions", "output_hidden_states", "return_dict")
+            "output_attentions", "output_hidden_states", "return_dict",
+            "sleepzoo")  # sleepzoo's own settings (sleep, loop range), applied by sleepzoo.pretrained
 JET_FIELDS = {"num_heads", "head_dim", "expand_v", "conv_size", "dconv_generator_reduction", "norm_eps"}
 JET_HARMLESS = {"dconv_implementation", "mode"}  # kernel choices (triton / chunk) of the published code
 SWA_FIELDS = {"window_size"}
@@ -235,7 +236,7 @@ class JetNemotronLM(SleepModel):
                  loop_range: tuple[int, int] | None = None, where: str = "config"):
         s = parse_config(config, where)
         super().__init__(sleep or SleepConfig(window=s["max_position_embeddings"], loops=1))
-        self.hf_config = dict(config)
+        self.hf_config = {"model_type": MODEL_TYPE, **config}  # saved as a folder that from_pretrained dispatches
         self.settings = s
         self.vocab_size = s["vocab_size"]
         d, n = s["hidden_size"], s["num_hidden_layers"]
@@ -274,6 +275,24 @@ class JetNemotronLM(SleepModel):
         data, where = read_config(config)
         return cls(data, sleep=sleep, loop_range=loop_range, where=where)
 
+    def sleepzoo_settings(self) -> dict[str, Any]:
+        """This model's sleepzoo settings that differ from the defaults, by their override names
+        (:func:`sleepzoo.pretrained.save_pretrained` writes them under config.json's ``sleepzoo`` key)."""
+        if self.loop_range == default_loop_range(len(self.model.layers)):
+            return {}
+        return {"loop_start": self.loop_range[0], "loop_end": self.loop_range[1]}
+
+    def configure(self, *, loop_start: int | None = None, loop_end: int | None = None) -> "JetNemotronLM":
+        """Set the looped blocks [loop_start, loop_end) in place (None keeps that end); returns the model."""
+        n = len(self.model.layers)
+        rng = (self.loop_range[0] if loop_start is None else loop_start,
+               self.loop_range[1] if loop_end is None else loop_end)
+        if not (all(isinstance(v, int) and not isinstance(v, bool) for v in rng) and 0 <= rng[0] < rng[1] <= n):
+            raise SleepzooError(f"loop_start/loop_end: {list(rng)} needs integers 0 <= loop_start < loop_end <= {n} "
+                                f"(the blocks; default {list(default_loop_range(n))})")
+        self.loop_range = rng
+        return self
+
     def tie_weights(self) -> None:
         """Share the embedding with the head when the config ties them (also after ``to_empty``, which can
         give each module its own copy)."""
@@ -305,27 +324,25 @@ def build_jet_nemotron(config: ModelConfig, *, vocab_size: int | None = None,
                        sleep: SleepConfig | None = None) -> JetNemotronLM:
     """Model builder registered as ``jet_nemotron`` (recipe ``model: {name: jet_nemotron, ...}``).
 
-    Reads from the model section: ``pretrained`` (a local folder: config.json + weights, loaded with
-    :func:`sleepzoo.pretrained.from_pretrained`) or ``hf_config`` (a config dict or path; random weights);
+    Reads from the model section: ``pretrained`` (a local folder: config.json + weights, loaded in float32
+    with :func:`sleepzoo.pretrained.from_pretrained`) or ``hf_config`` (a config dict or path; random weights);
     with neither, Jet-Nemotron-2B's architecture with random weights. ``loop_start`` / ``loop_end`` override
-    the looped blocks (default (7, 21) for 2B). The hybrid fields (d_model, layers, d_ff, mixers, ...) do not
-    apply: the architecture is the config's.
+    the looped blocks (default (7, 21) for 2B). On the meta device (``sleepzoo recipe validate``) a
+    ``pretrained`` folder that is not there yet stands for Jet-Nemotron-2B's published architecture. The
+    hybrid fields (d_model, layers, d_ff, mixers, ...) do not apply: the architecture is the config's.
     """
-    lo, hi = getattr(config, "loop_start", None), getattr(config, "loop_end", None)
-    folder = getattr(config, "pretrained", None)
-    if folder is not None:
-        from ..pretrained import from_pretrained  # pretrained imports this module
-        model = from_pretrained(folder, sleep=sleep)
-    else:
-        model = JetNemotronLM.from_config(getattr(config, "hf_config", None) or JET_NEMOTRON_2B_CONFIG, sleep=sleep)
+    if config.wake_passes is not None or config.sleep_layers is not None:
+        raise RecipeError("model.wake_passes / model.sleep_layers: Ouro settings; jet_nemotron already has its "
+                          "sleep layers (its JetBlocks) and loops model.loop_start..loop_end")
+    from ..pretrained import build_pretrained  # pretrained imports this module
+    model = build_pretrained("jet_nemotron", config, sleep=sleep, reference=JET_NEMOTRON_2B_CONFIG)
     if not isinstance(model, JetNemotronLM):
-        raise RecipeError(f"model.pretrained: {folder!r} holds a {type(model).__name__}, not Jet-Nemotron")
-    if lo is not None or hi is not None:
-        n = len(model.layers)
-        rng = (model.loop_range[0] if lo is None else lo, model.loop_range[1] if hi is None else hi)
-        if not 0 <= rng[0] < rng[1] <= n:
-            raise RecipeError(f"model.loop_start/loop_end: {list(rng)} needs 0 <= loop_start < loop_end <= {n}")
-        model.loop_range = rng
+        raise RecipeError(f"model: the config holds a {type(model).__name__}, not Jet-Nemotron (model.name: "
+                          f"jet_nemotron)")
+    try:
+        model.configure(loop_start=config.loop_start, loop_end=config.loop_end)
+    except SleepzooError as exc:
+        raise RecipeError(f"model.{exc}") from None
     if vocab_size is not None and vocab_size > model.vocab_size:
         raise RecipeError(f"vocab_size={vocab_size} is larger than Jet-Nemotron's vocabulary ({model.vocab_size})")
     return model

@@ -75,6 +75,7 @@ CHECKED_FIELDS = ("model_type", "hidden_act", "rope_scaling", "attention_bias", 
                   "layer_types", "early_exit_step")
 # Harmless Hugging Face fields: bookkeeping, generation defaults, or settings moot without sliding windows.
 IGNORED_FIELDS = ("architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+                  "sleepzoo",  # sleepzoo's own settings (sleep, wake_passes, sleep layers): sleepzoo.pretrained
                   "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "max_position_embeddings",
                   "sliding_window", "max_window_layers", "attention_dropout", "chunk_size", "output_attentions",
                   "output_hidden_states", "return_dict", "id2label", "label2id", "use_return_dict")
@@ -233,6 +234,19 @@ class OuroLM(SleepModel):
         self.vocab_size = vocab_size
         self.hidden_size = d
         self.num_hidden_layers = num_hidden_layers
+        self.tie_word_embeddings = bool(tie_word_embeddings)
+        # The Hugging Face config this model is (from_config replaces it by the file's own, bookkeeping kept),
+        # so sleepzoo.pretrained.save_pretrained can write it back.
+        self.hf_config: dict[str, Any] = {
+            "architectures": ["OuroForCausalLM"], "model_type": "ouro", "vocab_size": vocab_size,
+            "hidden_size": d, "intermediate_size": intermediate_size, "num_hidden_layers": num_hidden_layers,
+            "num_attention_heads": num_attention_heads,
+            "num_key_value_heads": num_attention_heads if num_key_value_heads is None else num_key_value_heads,
+            "head_dim": d // num_attention_heads if head_dim is None else head_dim, "hidden_act": "silu",
+            "rope_theta": float(rope_theta), "rope_scaling": None, "rms_norm_eps": float(rms_norm_eps),
+            "tie_word_embeddings": bool(tie_word_embeddings), "total_ut_steps": total_ut_steps,
+            "early_exit_threshold": early_exit_threshold, "initializer_range": initializer_range}
+        self.sleep_layer_options: dict[str, Any] = {}  # JetBlock options of the inserted sleep layers
         self.norm_eps = float(rms_norm_eps)
         self.total_ut_steps = total_ut_steps
         self.early_exit_threshold = early_exit_threshold
@@ -250,7 +264,12 @@ class OuroLM(SleepModel):
         self._step_cache: list[OuroStep | None] = [None]  # a list, so nn.Module does not register the step
         self.wake_passes = total_ut_steps if wake_passes is None else wake_passes
         self._init_weights(initializer_range)
-        if tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the head when the config ties them (also after ``to_empty``, which can
+        give each module its own copy)."""
+        if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     # -- construction ------------------------------------------------------------------------------------
@@ -273,7 +292,46 @@ class OuroLM(SleepModel):
         kwargs = {k: cfg[k] for k in ARCH_FIELDS if k in cfg}
         if wake_passes is None:
             wake_passes = cfg.get("wake_passes")
-        return cls(**kwargs, wake_passes=wake_passes, backend=backend, sleep=sleep)
+        model = cls(**kwargs, wake_passes=wake_passes, backend=backend, sleep=sleep)
+        model.hf_config = {"model_type": "ouro",  # a dict without it still saves as a loadable folder
+                           **{k: v for k, v in cfg.items() if k not in ("sleepzoo", "wake_passes")}}
+        return model
+
+    def sleepzoo_settings(self) -> dict[str, Any]:
+        """This model's sleepzoo settings that differ from the published model's, by their override names
+        (:func:`sleepzoo.pretrained.save_pretrained` writes them under config.json's ``sleepzoo`` key)."""
+        out: dict[str, Any] = {}
+        if self.wake_passes != self.total_ut_steps:
+            out["wake_passes"] = self.wake_passes
+        if self.sleep_after:
+            out["sleep_layers"] = list(self.sleep_after)
+            out["sleep_layer_options"] = dict(self.sleep_layer_options)
+        return out
+
+    def configure(self, *, wake_passes: int | None = None, sleep_layers: Sequence[int] | None = None,
+                  sleep_layer_options: dict[str, Any] | None = None) -> "OuroLM":
+        """Apply sleepzoo settings in place (None leaves a setting as it is); returns the model.
+
+        ``wake_passes``: loop steps of the wake pass. ``sleep_layers``: insert the retrofit's Jet layers after
+        these loop-body layers (:func:`insert_jet_layers`; ``[]`` inserts none); a model that already has them
+        accepts only the same positions. ``sleep_layer_options``: their JetBlock options."""
+        if sleep_layers is not None:
+            after = list(sleep_layers)
+            if self.sleep_after:
+                if after != list(self.sleep_after) or (sleep_layer_options is not None and
+                                                       {**OURO_JET_DEFAULTS, **sleep_layer_options}
+                                                       != self.sleep_layer_options):
+                    raise SleepzooError(f"Ouro: sleep_layers={after} (options {sleep_layer_options}): this model "
+                                        f"already has sleep layers after {list(self.sleep_after)} (options "
+                                        f"{self.sleep_layer_options}); they can not be changed")
+            elif after:
+                insert_jet_layers(self, after, **(sleep_layer_options or {}))
+        elif sleep_layer_options is not None and not self.sleep_after:
+            raise SleepzooError("Ouro: sleep_layer_options without sleep_layers: give the positions too "
+                                "(e.g. sleep_layers=[3, 7, 11, 15, 19, 23])")
+        if wake_passes is not None:
+            self.wake_passes = wake_passes
+        return self
 
     def _init_weights(self, std: float) -> None:
         """As the published model's initialiser: N(0, std) for linear and embedding weights, zero biases,
@@ -430,38 +488,92 @@ def insert_jet_layers(model: OuroLM, after: Sequence[int] = (3, 7, 11, 15, 19, 2
         layers.append(Block(model.hidden_size, jet, d_ff=0, norm_eps=model.norm_eps))
     model.model.sleep_layers = nn.ModuleList(layers).to(device=device, dtype=dtype)
     model.sleep_after = tuple(after)
+    model.sleep_layer_options = dict(options)
     model._step_cache[0] = None
     return model
 
 
-def build_ouro(config: ModelConfig, *, vocab_size: int, sleep: SleepConfig | None = None) -> OuroLM:
-    """Model builder registered as ``ouro``: an Ouro from a recipe's ``model`` section (from scratch).
+def default_sleep_layers(num_hidden_layers: int) -> list[int]:
+    """The retrofit's positions (SPEC 3, *ours*): after every 4th loop-body layer, ``3, 7, ..., n - 1``;
+    Ouro-1.4B's 24 layers give ``[3, 7, 11, 15, 19, 23]``. Fewer than 4 layers: after the last one."""
+    return list(range(3, num_hidden_layers, 4)) or [num_hidden_layers - 1]
 
-    ``d_model`` -> hidden_size, ``d_ff`` -> intermediate_size (default 8/3 d rounded to 64), one shared
-    layer per ``layers`` entry (each must be ``attention``), ``norm_eps``, ``tie_embeddings``, ``init_std``,
-    and ``mixers.attention`` (num_heads, num_kv_heads, head_dim, rope_theta). The loop has the published 4
-    steps, all in the wake pass; ``loop_start``/``loop_end`` do not apply (a sleep pass is a whole step).
-    A pretrained Ouro comes from :meth:`OuroLM.from_config` with its config.json.
+
+# Ouro-1.4B's architecture (the fields the published loaders agree on; no weights). The recipe builder
+# uses it to validate a recipe whose ``model.pretrained`` folder is not downloaded yet (on the meta device).
+OURO_1_4B_CONFIG: dict[str, Any] = {
+    "architectures": ["OuroForCausalLM"], "model_type": "ouro", "vocab_size": 49152, "hidden_size": 2048,
+    "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
+    "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 65536, "rope_theta": 1000000.0,
+    "rope_scaling": None, "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "total_ut_steps": 4,
+    "early_exit_threshold": 1.0, "eos_token_id": 0, "torch_dtype": "bfloat16",
+}
+
+
+def build_ouro(config: ModelConfig, *, vocab_size: int | None = None, sleep: SleepConfig | None = None) -> OuroLM:
+    """Model builder registered as ``ouro`` (recipe ``model: {name: ouro, ...}``).
+
+    Pretrained: ``pretrained`` (a local folder, config.json + safetensors, loaded in float32 by
+    :func:`sleepzoo.pretrained.from_pretrained`) or ``hf_config`` (a config dict or path; random weights).
+    These get the sleep retrofit: MLP-free Jet layers after the loop-body layers ``sleep_layers`` (default
+    :func:`default_sleep_layers`: 3, 7, 11, 15, 19, 23 for Ouro-1.4B; ``[]`` for none), sized by
+    ``mixers.jet`` (default 16 heads x 64, values 128), ``o_proj`` zero so the pretrained function is
+    unchanged at step 0. ``wake_passes``: loop steps of the wake pass (default the config's
+    ``total_ut_steps``; the sleep recipes use 1, the paper's single prediction pass).
+
+    From scratch (neither): ``d_model`` -> hidden_size, ``d_ff`` -> intermediate_size (default 8/3 d rounded
+    to 64), one shared layer per ``layers`` entry (each must be ``attention``), ``norm_eps``,
+    ``tie_embeddings``, ``init_std``, ``mixers.attention`` (num_heads, num_kv_heads, head_dim, rope_theta);
+    the loop has the published 4 steps; ``sleep_layers`` defaults to none there.
+
+    ``loop_start``/``loop_end`` do not apply: a sleep pass is a whole Ouro step.
     """
     from .hybrid import default_d_ff
 
-    if any(name != "attention" for name in config.layers):
-        raise RecipeError(f"model.layers: {config.layers!r}: the ouro model's shared layers are all 'attention' "
-                          f"(insert sleep layers with sleepzoo.models.ouro.insert_jet_layers)")
     if config.loop_start is not None or config.loop_end is not None:
-        raise RecipeError("model.loop_start / model.loop_end: the ouro model loops whole steps; leave them unset")
-    unused = sorted(set(config.mixers) - {"attention"})
+        raise RecipeError("model.loop_start / model.loop_end: the ouro model loops whole steps; leave them unset "
+                          "(model.wake_passes sets the steps of the wake pass)")
+    unused = sorted(set(config.mixers) - {"attention", "jet"})
     if unused:
-        raise RecipeError(f"model.mixers: {', '.join(unused)} not used by the ouro model (only 'attention')")
-    attn = dict(config.mixers.get("attention", {}))
-    allowed = {"num_heads", "num_kv_heads", "head_dim", "rope_theta"}
-    extra = sorted(set(attn) - allowed)
-    if extra:
-        raise RecipeError(f"model.mixers.attention: {', '.join(extra)} not supported by the ouro model "
-                          f"(allowed: {', '.join(sorted(allowed))})")
-    return OuroLM(vocab_size=vocab_size, hidden_size=config.d_model,
-                  intermediate_size=default_d_ff(config.d_model) if config.d_ff is None else config.d_ff,
-                  num_hidden_layers=len(config.layers), num_attention_heads=attn.get("num_heads", 4),
-                  num_key_value_heads=attn.get("num_kv_heads"), head_dim=attn.get("head_dim"),
-                  rope_theta=float(attn.get("rope_theta", 1e6)), rms_norm_eps=config.norm_eps,
-                  tie_word_embeddings=config.tie_embeddings, initializer_range=config.init_std, sleep=sleep)
+        raise RecipeError(f"model.mixers: {', '.join(unused)} not used by the ouro model (attention: its layers "
+                          f"when built from scratch; jet: the inserted sleep layers)")
+    jet = dict(config.mixers.get("jet", {}))
+    if config.pretrained is not None or config.hf_config is not None:
+        if "attention" in config.mixers:
+            raise RecipeError("model.mixers.attention: a pretrained Ouro's attention comes from its config.json; "
+                              "remove it")
+        from ..pretrained import build_pretrained  # pretrained imports this module
+        model = build_pretrained("ouro", config, sleep=sleep, reference=OURO_1_4B_CONFIG)
+        if not isinstance(model, OuroLM):
+            raise RecipeError(f"model: the config holds a {type(model).__name__}, not Ouro (model.name: ouro)")
+        after = default_sleep_layers(model.num_hidden_layers) if config.sleep_layers is None else config.sleep_layers
+        if config.sleep_layers is not None or not model.sleep_after:  # a retrofitted folder keeps its own
+            model.configure(sleep_layers=after, sleep_layer_options=jet if jet else None)
+        model.configure(wake_passes=config.wake_passes)
+    else:
+        if any(name != "attention" for name in config.layers):
+            raise RecipeError(f"model.layers: {config.layers!r}: the ouro model's shared layers are all "
+                              f"'attention' (sleep layers are model.sleep_layers)")
+        attn = dict(config.mixers.get("attention", {}))
+        allowed = {"num_heads", "num_kv_heads", "head_dim", "rope_theta"}
+        extra = sorted(set(attn) - allowed)
+        if extra:
+            raise RecipeError(f"model.mixers.attention: {', '.join(extra)} not supported by the ouro model "
+                              f"(allowed: {', '.join(sorted(allowed))})")
+        if vocab_size is None:
+            raise RecipeError("model: an ouro model built from scratch takes its vocabulary from the task "
+                              "(vocab_size)")
+        model = OuroLM(vocab_size=vocab_size, hidden_size=config.d_model,
+                       intermediate_size=default_d_ff(config.d_model) if config.d_ff is None else config.d_ff,
+                       num_hidden_layers=len(config.layers), num_attention_heads=attn.get("num_heads", 4),
+                       num_key_value_heads=attn.get("num_kv_heads"), head_dim=attn.get("head_dim"),
+                       rope_theta=float(attn.get("rope_theta", 1e6)), rms_norm_eps=config.norm_eps,
+                       tie_word_embeddings=config.tie_embeddings, initializer_range=config.init_std,
+                       wake_passes=config.wake_passes, sleep=sleep)
+        if config.sleep_layers:
+            model.configure(sleep_layers=config.sleep_layers, sleep_layer_options=jet or None)
+        elif jet:
+            raise RecipeError("model.mixers.jet: sizes the inserted sleep layers; set model.sleep_layers too")
+    if vocab_size is not None and vocab_size > model.vocab_size:
+        raise RecipeError(f"vocab_size={vocab_size} is larger than Ouro's vocabulary ({model.vocab_size})")
+    return model

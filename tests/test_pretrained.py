@@ -1,0 +1,378 @@
+"""Pretrained models from recipes, the Python API and the CLI (docs/pretrained.md): sleepzoo.from_pretrained /
+from_config with overrides, recipe fields (pretrained, hf_config, loop range, wake_passes, sleep_layers), the
+tokenizer wiring, validation without the weights, `sleepzoo convert` round trips, and training only the
+inserted sleep layers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import sleepzoo
+from sleepzoo import RecipeError, SleepzooError
+from sleepzoo.checkpoint import save_weights
+from sleepzoo.models.jet_nemotron import JetNemotronLM
+from sleepzoo.models.ouro import OuroLM
+from sleepzoo.pretrained import allowed_overrides, convert, from_config, from_pretrained, parse_size, save_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO.parent / "shared" / "reference"
+if not REFERENCE.is_dir():
+    REFERENCE = Path("/work/shared/reference")
+RECIPES = sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "recipes").glob("*/*.yaml"))
+
+JET = {
+    "architectures": ["JetNemotronForCausalLM"], "model_type": "jet_nemotron", "hidden_size": 32,
+    "intermediate_size": 48, "num_hidden_layers": 5, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "layer_types": ["jet", "attn", "jet", "swa", "jet"], "vocab_size": 41, "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True, "torch_dtype": "float32",
+    "efficient_attention_config": {
+        "jet": {"conv_size": 4, "dconv_generator_reduction": 4, "expand_v": 2.0, "head_dim": 8, "num_heads": 2,
+                "norm_eps": "1e-5", "mode": "chunk", "dconv_implementation": "triton"},
+        "swa": {"window_size": 5}},
+}
+OURO = {
+    "architectures": ["OuroForCausalLM"], "auto_map": {"AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"},
+    "model_type": "ouro", "vocab_size": 41, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 5,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 6, "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "total_ut_steps": 3, "early_exit_threshold": 1.0,
+    "max_position_embeddings": 64, "torch_dtype": "float32",
+}
+SMALL_JET = {"num_heads": 2, "head_dim": 4, "expand_v": 2.0, "dconv_generator_reduction": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every weight non-trivial (zero o_proj and unit norms would hide a weight that did not load)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model.eval()
+
+
+def write_folder(folder: Path, config: dict, seed: int = 0, tokenizer: bool = False) -> torch.nn.Module:
+    """A user's folder: config.json + model.safetensors with the published names, written by the test."""
+    torch.manual_seed(seed)
+    model = randomize(from_config(config), seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()
+               if not (k == "lm_head.weight" and config.get("tie_word_embeddings"))}
+    save_file(tensors, str(folder / "model.safetensors"))
+    if tokenizer:
+        write_tokenizer(folder / "tokenizer.json")
+    return model
+
+
+def write_tokenizer(path: Path) -> None:
+    """A word-level tokenizer.json (the `tokenizers` library's format) over a few words, unknowns -> [UNK]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "[PAD]", "Question", ":", "Answer", ".", ",", "?"] + [str(i) for i in range(25)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
+def ids(vocab: int = 41, T: int = 12, B: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).logits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Python API
+
+
+def test_api_is_exported_lazily_and_builds_the_reference_configs_on_meta():
+    assert sleepzoo.from_pretrained is from_pretrained and sleepzoo.from_config is from_config
+    with torch.device("meta"):
+        jet = sleepzoo.from_config(REFERENCE / "jet-nemotron-2b.config.json", window=2000, loops=4,
+                                   loop_start=6, loop_end=22)
+        ouro = sleepzoo.from_config(REFERENCE / "ouro-1.4b.config.json", wake_passes=1,
+                                    sleep_layers=[3, 7, 11, 15, 19, 23], loops=2)
+        plain = sleepzoo.from_config(REFERENCE / "ouro-1.4b.config.json")
+    assert jet.num_parameters() == 1_964_806_208 and jet.loop_range == (6, 22)
+    assert (jet.sleep.window, jet.sleep.loops) == (2000, 4)
+    assert plain.num_parameters() == 1_434_652_673
+    assert plain.sleep.window == 65536 and plain.sleep.loops == 1 and plain.wake_passes == 4  # as published
+    assert 0 < ouro.num_parameters() - plain.num_parameters() < 0.1 * plain.num_parameters()
+    assert ouro.wake_passes == 1 and ouro.sleep_after == (3, 7, 11, 15, 19, 23) and ouro.sleep.loops == 2
+    assert next(ouro.parameters()).device.type == "meta"
+
+
+def test_unknown_overrides_list_the_allowed_names():
+    with pytest.raises(SleepzooError, match=r"unknown override\(s\) windw .*did you mean 'window'.*allowed: window, "
+                                            r"loops, eviction, sleep_every, checkpoint, loop_start, loop_end"):
+        from_config(JET, windw=4)
+    with pytest.raises(SleepzooError, match=r"wake_passes is ouro's"):
+        from_config(JET, wake_passes=1)
+    assert "sleep_layers" in allowed_overrides("ouro") and "loop_start" not in allowed_overrides("ouro")
+    with pytest.raises(SleepzooError, match="sleep_every=3 needs eviction='sliding_window'"):
+        from_config(JET, window=6, sleep_every=3)
+    with pytest.raises(SleepzooError, match="unknown eviction|sliding_windo"):
+        from_config(JET, eviction="sliding_windo")
+    with pytest.raises(SleepzooError, match="loop_start/loop_end"):
+        from_config(JET, loop_end=9)
+
+
+def test_from_pretrained_overrides(tmp_path):
+    source = write_folder(tmp_path / "jet", JET)
+    x = ids(T=12)
+    model = from_pretrained(tmp_path / "jet", window=4, loops=3, loop_start=1, loop_end=4)
+    assert model.loop_range == (1, 4) and (model.sleep.window, model.sleep.loops) == (4, 3)
+    source.loop_range = (1, 4)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, source(x, window=4, loops=3).logits)
+    # no overrides: the published behaviour (one pass over max_position_embeddings tokens)
+    plain = from_pretrained(tmp_path / "jet")
+    assert plain.sleep.window == 64 and plain.sleep.loops == 1 and plain.loop_range == (1, 4)
+
+
+def test_ouro_retrofit_on_load_keeps_the_pretrained_function(tmp_path):
+    write_folder(tmp_path / "ouro", OURO)
+    x = ids(T=10)
+    published = from_pretrained(tmp_path / "ouro", wake_passes=1, window=5, loops=2)
+    retro = from_pretrained(tmp_path / "ouro", wake_passes=1, window=5, loops=2, sleep_layers=[1, 3],
+                            sleep_layer_options=SMALL_JET)
+    assert retro.sleep_after == (1, 3) and len(retro.model.sleep_layers) == 2
+    # o_proj of the inserted layers is zero: same function, bit for bit
+    assert torch.equal(logits(retro, x), logits(published, x))
+    with pytest.raises(SleepzooError, match="sleep_layer_options without sleep_layers"):
+        from_pretrained(tmp_path / "ouro", sleep_layer_options=SMALL_JET)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# recipes
+
+
+def recipe_dict(model: dict, **sections) -> dict:
+    base = {"model": model, "sleep": {"window": 6, "loops": 2},
+            "task": {"name": "rule110", "steps": 1, "states": 2, "bits": 6},
+            "train": {"steps": 3, "batch_size": 4, "optimizer": "muon", "muon_lr": 1e-3, "log_every": 1,
+                      "checkpoint_every": 0, "warmup_steps": 0},
+            "eval": {"every": 0, "num_examples": 4, "batch_size": 4}}
+    base.update(sections)
+    return base
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(REPO / "recipes")) for p in RECIPES])
+def test_every_shipped_recipe_validates_without_weights(path, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~/models/... does not exist: no weights anywhere
+    from sleepzoo.cli import main
+
+    result = CliRunner().invoke(main, ["recipe", "validate", str(path)])
+    assert result.exit_code == 0, result.output
+    if path.name.startswith("gsm-infinite-") and path.stem != "gsm-infinite-tiny":
+        expected = "1,964,806,208" if "jet2b" in path.name else "1,551,500,225"  # published shapes (+ retrofit)
+        assert expected in result.output
+
+
+def test_missing_folder_is_an_error_at_build_time_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = sleepzoo.load_recipe(REPO / "recipes" / "gsm-infinite-ouro.yaml")
+    with pytest.raises(RecipeError, match=r"model.pretrained: '~/models/Ouro-1.4B' does not exist; download .*"
+                                          r"huggingface-cli download ByteDance/Ouro-1.4B"):
+        sleepzoo.build_model(recipe, vocab_size=100)
+
+
+def test_recipe_builds_from_a_folder_with_its_tokenizer(tmp_path):
+    source = write_folder(tmp_path / "jet", JET, tokenizer=True)
+    data = recipe_dict({"name": "jet_nemotron", "pretrained": str(tmp_path / "jet"), "loop_start": 1, "loop_end": 4},
+                       task={"name": "gsm_infinite", "min_op": 1, "max_op": 2, "min_tokens": 60, "max_tokens": 80,
+                             "test_per_op": 4})
+    recipe = sleepzoo.load_recipe(data)
+    task = sleepzoo.build_task(recipe)
+    assert task.tokenizer == str(tmp_path / "jet") and task.vocab_size == 33  # the folder's tokenizer.json
+    model = sleepzoo.build_model(recipe)
+    assert model.loop_range == (1, 4) and model.model.norm.weight.dtype == torch.float32
+    assert torch.equal(model.model.embed_tokens.weight, source.model.embed_tokens.weight)
+    with torch.device("meta"):  # validation: the folder's config (and its weights' headers), nothing read
+        meta = sleepzoo.build_model(recipe)
+    assert meta.num_parameters() == source.num_parameters()
+    # a task.tokenizer in the recipe wins; a folder without tokenizer.json is an error
+    explicit = sleepzoo.load_recipe(data, overrides=["task.tokenizer=builtin"])
+    assert sleepzoo.build_task(explicit).tokenizer == "builtin"
+    (tmp_path / "jet" / "tokenizer.json").unlink()
+    with pytest.raises(RecipeError, match="has no tokenizer.json.*task.tokenizer"):
+        sleepzoo.build_task(recipe)
+
+
+def test_ouro_recipe_fields(tmp_path):
+    data = recipe_dict({"name": "ouro", "hf_config": dict(OURO, num_hidden_layers=8), "wake_passes": 1,
+                        "mixers": {"jet": SMALL_JET}})
+    model = sleepzoo.build_model(sleepzoo.load_recipe(data))
+    assert model.sleep_after == (3, 7) and model.wake_passes == 1  # default retrofit positions: 3, 7, ...
+    assert model.model.sleep_layers[0].self_attn.num_heads == 2
+    none = sleepzoo.build_model(sleepzoo.load_recipe(data, overrides=["model.sleep_layers=[]"]))
+    assert none.sleep_after == () and not hasattr(none.model, "sleep_layers")
+    with pytest.raises(RecipeError, match="model.sleep_layers"):
+        sleepzoo.load_recipe(data, overrides=["model.sleep_layers=[3, 1]"])
+    with pytest.raises(RecipeError, match="model.wake_passes"):
+        sleepzoo.load_recipe(data, overrides=["model.wake_passes=0"])
+    with pytest.raises(RecipeError, match="loop_start"):
+        sleepzoo.build_model(sleepzoo.load_recipe(data, overrides=["model.loop_start=1"]))
+    with pytest.raises(RecipeError, match="Ouro settings"):
+        sleepzoo.build_model(sleepzoo.load_recipe(recipe_dict({"name": "jet_nemotron", "hf_config": JET,
+                                                               "wake_passes": 1})))
+
+
+@pytest.mark.parametrize("pattern", ["model.sleep_layers.*", "mixer:jet"])
+def test_training_only_the_sleep_layers_leaves_everything_else_bit_for_bit(tmp_path, pattern):
+    from sleepzoo.train import build, train
+
+    data = recipe_dict({"name": "ouro", "hf_config": OURO, "sleep_layers": [1, 3], "wake_passes": 1,
+                        "mixers": {"jet": SMALL_JET}},
+                       train={"steps": 3, "batch_size": 4, "optimizer": "muon", "muon_lr": 1e-2, "adamw_lr": 1e-2,
+                              "log_every": 1, "checkpoint_every": 0, "warmup_steps": 0,
+                              "trainable": [pattern]})
+    recipe = sleepzoo.load_recipe(data)
+    before, _ = build(recipe)  # the trainer seeds and builds the same way
+    before = {k: v.clone() for k, v in before.state_dict().items()}
+    train(recipe, tmp_path / "run", progress=False)
+    after = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert set(after) == set(before)
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved and all(k.startswith("model.sleep_layers.") for k in moved)
+    assert any(k.endswith("o_proj.weight") for k in moved)  # the zero-initialised output moved off zero
+
+
+# ---------------------------------------------------------------------------------------------------------
+# save_pretrained and convert
+
+
+def test_convert_folder_round_trip_dtype_and_shards(tmp_path):
+    source = write_folder(tmp_path / "src", OURO, tokenizer=True)
+    x = ids()
+    summary = convert(tmp_path / "src", tmp_path / "f32")
+    assert summary["copied"] == ["tokenizer.json"] and summary["dtype"] == "float32"
+    assert torch.equal(logits(from_pretrained(tmp_path / "f32"), x), logits(source, x))
+    config = json.loads((tmp_path / "f32" / "config.json").read_text())
+    assert "sleepzoo" not in config and config["auto_map"] == OURO["auto_map"]  # still the published format
+    # sharded: several files and an index, which load again
+    convert(tmp_path / "src", tmp_path / "sharded", max_shard_size=4000)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    assert torch.equal(logits(from_pretrained(tmp_path / "sharded"), x), logits(source, x))
+    # dtype conversion
+    convert(tmp_path / "src", tmp_path / "bf16", dtype="bfloat16")
+    half = from_pretrained(tmp_path / "bf16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def make_run(run: Path, data: dict, seed: int = 3) -> torch.nn.Module:
+    """A run directory as `sleepzoo train` leaves it: recipe.yaml and final/model.safetensors."""
+    recipe = sleepzoo.load_recipe(data)
+    torch.manual_seed(seed)
+    model = randomize(sleepzoo.build_model(recipe), seed)
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    save_weights(model, run / "final" / "model.safetensors", metadata={"step": "7"})
+    return model
+
+
+def test_convert_run_of_a_retrofitted_ouro(tmp_path):
+    write_folder(tmp_path / "ouro", OURO, tokenizer=True)
+    data = recipe_dict({"name": "ouro", "pretrained": str(tmp_path / "ouro"), "sleep_layers": [1, 3],
+                        "wake_passes": 1, "mixers": {"jet": SMALL_JET}},
+                       sleep={"window": 5, "loops": 3, "eviction": "sliding_window", "sleep_every": 2})
+    trained = make_run(tmp_path / "run", data)
+    x = ids(T=12)
+    want = logits(trained, x)
+    summary = convert(tmp_path / "run", tmp_path / "out")
+    assert summary["source"] == "run" and summary["step"] == 7 and "tokenizer.json" in summary["copied"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["sleepzoo"] == {"window": 5, "loops": 3, "eviction": "sliding_window", "sleep_every": 2,
+                                  "wake_passes": 1, "sleep_layers": [1, 3],
+                                  "sleep_layer_options": trained.sleep_layer_options}
+    assert "auto_map" not in config  # the published Ouro code can not load the inserted layers
+    loaded = from_pretrained(tmp_path / "out")
+    assert loaded.sleep_after == (1, 3) and loaded.wake_passes == 1 and loaded.sleep == trained.sleep
+    assert torch.equal(logits(loaded, x), want)  # float32: identical
+    # the converted folder serves as a recipe's pretrained folder too (its sleep layers kept, not doubled)
+    again = sleepzoo.build_model(sleepzoo.load_recipe(
+        data, overrides=[f"model.pretrained={tmp_path / 'out'}", "model.sleep_layers=null"]))
+    assert again.sleep_after == (1, 3) and torch.equal(logits(again, x), want)
+
+
+def test_convert_run_of_jet_nemotron_without_the_original_weights(tmp_path):
+    data = recipe_dict({"name": "jet_nemotron", "hf_config": JET, "loop_start": 1, "loop_end": 3},
+                       sleep={"window": 4, "loops": 2})
+    trained = make_run(tmp_path / "run", data)
+    x = ids(T=12)
+    from sleepzoo.cli import main
+
+    result = CliRunner().invoke(main, ["convert", str(tmp_path / "run"), str(tmp_path / "out"),
+                                       "--max-shard-size", "20KB"])
+    assert result.exit_code == 0, result.output
+    assert "step 7" in result.output and "no tokenizer files copied" in result.output
+    loaded = from_pretrained(tmp_path / "out")
+    assert loaded.loop_range == (1, 3) and (loaded.sleep.window, loaded.sleep.loops) == (4, 2)
+    assert torch.equal(logits(loaded, x), logits(trained, x))
+    names = set()
+    for shard in (tmp_path / "out").glob("model-*.safetensors"):
+        names |= set(load_file(str(shard)))
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names  # tied: stored once
+
+
+def test_convert_errors(tmp_path):
+    from sleepzoo.cli import main
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(main, ["convert", *args])
+        assert result.exit_code == 2, result.output
+        return result.output
+
+    assert "does not exist" in run(str(tmp_path / "nope"), str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    assert "neither a sleepzoo run directory (recipe.yaml) nor a Hugging Face folder" in run(
+        str(tmp_path / "empty"), str(tmp_path / "out"))
+    hybrid = tmp_path / "hybrid"
+    make_run(hybrid, recipe_dict({"name": "hybrid", "d_model": 16, "layers": ["attention"],
+                                  "mixers": {"attention": {"num_heads": 2}}}))
+    assert "convert writes Hugging Face folders of jet_nemotron, ouro models only" in run(str(hybrid), str(tmp_path / "o"))
+    write_folder(tmp_path / "src", JET)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    assert "--force" in run(str(tmp_path / "src"), str(tmp_path / "busy"))
+    assert "max_shard_size 'lots'" in run(str(tmp_path / "src"), str(tmp_path / "o2"), "--max-shard-size", "lots")
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("1GiB") == 2**30 and parse_size(123) == 123
+
+
+def test_save_pretrained_needs_an_hf_config():
+    recipe = sleepzoo.load_recipe(recipe_dict({"name": "hybrid", "d_model": 16, "layers": ["attention"],
+                                               "mixers": {"attention": {"num_heads": 2}}}))
+    with pytest.raises(SleepzooError, match="only jet_nemotron and ouro"):
+        save_pretrained(sleepzoo.build_model(recipe), "/tmp/never-written")
+
+
+def test_resaving_replaces_stale_weight_files(tmp_path):
+    model = randomize(from_config(JET))
+    save_pretrained(model, tmp_path, max_shard_size=5000)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    save_pretrained(model, tmp_path)  # one file now: the old index and shards must go
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert not list(tmp_path.glob("model-*-of-*.safetensors"))
+    x = ids()
+    loaded = from_pretrained(tmp_path)
+    assert isinstance(loaded, JetNemotronLM) and torch.equal(logits(loaded, x), logits(model, x))
+    assert isinstance(from_config(OURO), OuroLM)
