@@ -127,7 +127,8 @@ def reference_jet(block: JetBlock, x, S0=None, history=None):
             beta = torch.sigmoid(block.b_proj.weight @ xt)
             g = -torch.exp(block.A_log) * F.softplus(block.a_proj.weight @ xt + block.dt_bias)
             for h in range(H):
-                qh, kh = q[h] / q[h].norm(), k[h] / k[h].norm()
+                qh = q[h] / torch.sqrt(q[h] @ q[h] + 1e-6)  # fla's L2 norm: eps inside the root
+                kh = k[h] / torch.sqrt(k[h] @ k[h] + 1e-6)
                 St = torch.exp(g[h]) * S[b, h]
                 St = St + beta[h] * torch.outer(kh, v[h] - St.T @ kh)
                 S[b, h] = St

@@ -110,8 +110,8 @@ def reference_gdn(layer: GatedDeltaNet, x, S0=None):
     q = F.silu(conv(layer.q_proj(x), layer.q_conv1d.weight)).view(B, T, H, K)
     k = F.silu(conv(layer.k_proj(x), layer.k_conv1d.weight)).view(B, T, H, K)
     v = F.silu(conv(layer.v_proj(x), layer.v_conv1d.weight)).view(B, T, H, V)
-    q = q / q.norm(dim=-1, keepdim=True)
-    k = k / k.norm(dim=-1, keepdim=True)
+    q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6)  # fla's q/k L2 norm: eps inside the root
+    k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
     beta = torch.sigmoid(layer.b_proj(x))
     g = -torch.exp(layer.A_log) * F.softplus(layer.a_proj(x) + layer.dt_bias)
     S = torch.zeros(B, H, K, V) if S0 is None else S0.clone()

@@ -20,10 +20,7 @@ import torch.nn.functional as F
 from sleepzoo.ops import delta_rule, gated_delta_rule, gated_delta_rule_recurrent, gated_delta_rule_step
 from sleepzoo.ops import rules
 
-try:  # tests/ on sys.path (pytest's default rootdir-less "prepend" import mode)
-    import _fla_reference as fla_ref
-except ImportError:  # tests/ imported as a package
-    from tests import _fla_reference as fla_ref
+from sleepzoo import fla_reference as fla_ref
 
 B, H, K, V = 2, 2, 8, 6
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -380,3 +377,18 @@ def test_reference_sanity():
     qk = (x["q"][:, 0] * x["k"][:, 0]).sum(-1)  # (B, H)
     expected = (qk * x["beta"][:, 0] / math.sqrt(K))[..., None] * x["v"][:, 0]
     assert_close(o[:, 0], expected, 1e-12, "one-token o")
+
+
+def test_l2norm_is_fla_formula_not_f_normalize():
+    """q/k normalisation as fla's kernels do it: x / sqrt(sum x^2 + 1e-6), in float64 by hand."""
+    from sleepzoo.ops import l2norm
+
+    x = torch.randn(3, 5, 8, dtype=torch.float64) * torch.tensor([1e-4, 1e-2, 1.0, 10.0, 1e3], dtype=torch.float64)[:, None]
+    expected = x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(l2norm(x), expected, rtol=1e-14, atol=0)
+    small = x[:, 0]  # |x| ~ 3e-4: eps matters, and F.normalize's max(|x|, eps) gives another result
+    assert not torch.allclose(l2norm(small), F.normalize(small, dim=-1), rtol=1e-3, atol=0)
+    assert l2norm(torch.zeros(2, 4)).abs().sum() == 0  # zero rows stay zero
+    half = l2norm(x.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), expected, rtol=1e-2, atol=1e-2)

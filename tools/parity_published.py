@@ -175,12 +175,7 @@ def fla_l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def sleepzoo_l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """sleepzoo's JetBlock L2 norm (``F.normalize``): ``x / max(|x|, eps)``; for --match-l2norm only."""
-    return torch.nn.functional.normalize(x, p=2, dim=-1, eps=eps)
-
-
-L2NORM = {"fla": fla_l2norm}  # the formula the stand-ins use (--match-l2norm switches it)
+L2NORM = {"fla": fla_l2norm}  # the formula the stand-ins use
 
 
 def _segments(cu_seqlens: torch.Tensor | None, total: int) -> list[tuple[int, int]]:
@@ -484,8 +479,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ouro-seq-lens", nargs="+", type=int, default=[40])
     parser.add_argument("--stand-ins", choices=["torch", "triton"], default="torch",
                         help="Jet-Nemotron kernels: fla's torch references (CPU) or the published Triton ones")
-    parser.add_argument("--match-l2norm", action="store_true",
-                        help="ablation: the Jet stand-ins L2-normalise q/k with sleepzoo's formula, not fla's")
     parser.add_argument("--exact-float64", action="store_true",
                         help="ablation (with --dtypes float64): no float32 rounding anywhere, on either side")
     parser.add_argument("--seed", type=int, default=0)
@@ -498,8 +491,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--exact-float64 changes float32 arithmetic in this process: use it with --dtypes float64")
     if args.exact_float64 and "eager" in args.attn:
         parser.error("--exact-float64: the published eager attention takes its softmax in float32; use --attn sdpa")
-    if args.match_l2norm:
-        L2NORM["fla"] = sleepzoo_l2norm
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
@@ -510,8 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ouro_src:
             run_ouro(args, work, rows)
     info = versions(args)
-    info["mode"] = ", ".join(m for m, on in (("exact-float64", args.exact_float64),
-                                             ("match-l2norm", args.match_l2norm)) if on) or "as published"
+    info["mode"] = "exact-float64" if args.exact_float64 else "as published"
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print_table(rows)
     worst = {dt: max((r["max_rel"] for r in rows if r["dtype"] == dt), default=math.nan) for dt in args.dtypes}

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import registry
+from ..ops import l2norm
 from ..registry import SleepzooError
 from . import MixerState
 
@@ -133,8 +134,8 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         q, k, v, caches = self._features(x, state)
-        q = F.normalize(q.view(B, T, H, K), p=2, dim=-1, eps=1e-6)  # (B, T, H, K)
-        k = F.normalize(k.view(B, T, H, K), p=2, dim=-1, eps=1e-6)  # (B, T, H, K)
+        q = l2norm(q.view(B, T, H, K))  # (B, T, H, K)
+        k = l2norm(k.view(B, T, H, K))  # (B, T, H, K)
         v = v.view(B, T, H, V)  # (B, T, H, V)
         beta = self.b_proj(x).sigmoid()  # (B, T, H)
         g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)  # (B, T, H), log decay <= 0

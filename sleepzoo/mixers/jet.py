@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import registry
+from ..ops import l2norm
 from ..registry import SleepzooError
 from . import MixerState
 from .gated_deltanet import GatedRMSNorm, decay_parameters
@@ -179,8 +180,8 @@ class JetBlock(nn.Module):
         history = None if state is None else state.get("conv_v")
         v, conv_v = self.dynamic_conv1d(self.v_proj(x), x, history)
         v = F.silu(v)
-        q = F.normalize(q.view(B, T, H, K), p=2, dim=-1, eps=1e-6)  # (B, T, H, K)
-        k = F.normalize(k.view(B, T, H, K), p=2, dim=-1, eps=1e-6)  # (B, T, H, K)
+        q = l2norm(q.view(B, T, H, K))  # (B, T, H, K)
+        k = l2norm(k.view(B, T, H, K))  # (B, T, H, K)
         v = v.view(B, T, H, V)  # (B, T, H, V)
         beta = self.b_proj(x).sigmoid()  # (B, T, H)
         gdt = torch.promote_types(x.dtype, torch.float32)  # decays in at least float32, as Jet does

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "l2norm",
     "gated_delta_rule",
     "gated_delta_rule_recurrent",
     "gated_delta_rule_step",
@@ -41,9 +42,17 @@ _L2NORM_EPS = 1e-6
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _l2norm(x: torch.Tensor) -> torch.Tensor:
-    """``x / sqrt(sum(x**2) + eps)`` over the last dimension (differentiable; zero rows stay zero)."""
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + _L2NORM_EPS)
+def l2norm(x: torch.Tensor, eps: float = _L2NORM_EPS) -> torch.Tensor:
+    """``x / sqrt(sum(x**2) + eps)`` over the last dimension (differentiable; zero rows stay zero).
+
+    The q/k normalisation of fla's kernels (``use_qk_l2norm_in_kernel``) and so of the published Gated
+    DeltaNet and Jet-Nemotron layers; ``F.normalize`` (``x / max(|x|, eps)``) differs by ~eps / (2 |x|^2).
+    Computed in at least float32."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+_l2norm = l2norm
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
