@@ -85,7 +85,7 @@ class SleepConfig:
     loops: int = 1  # N: passes over a window before it is evicted (1 = the plain hybrid)
     eviction: str = "full_flush"  # what survives a sleep (kind `eviction`): full_flush, sliding_window
     sleep_every: int | None = None  # sliding_window: new tokens between sleeps (default: the window)
-    checkpoint: bool = False  # activation checkpointing per window (recompute in backward)
+    checkpoint: bool = False  # activation checkpointing per pass over a window (recompute in backward)
 
 
 @dataclass

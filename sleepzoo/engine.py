@@ -14,7 +14,8 @@ For every chunk of new tokens (a whole window under ``full_flush``; ``sleep_ever
 Fast weights accumulate over passes and chunks and are never reset within a sequence. Every pass of a
 chunk reads the same context (the caches retained from earlier chunks: none under ``full_flush``); the
 caches kept for later chunks are the wake pass's. Gradients flow through all chunks and passes (full
-BPTT); with ``checkpoint=True`` each chunk's activations are recomputed in the backward pass. ``loops=1``
+BPTT); with ``checkpoint=True`` each pass over a chunk (the wake pass, each sleep pass) keeps only its inputs
+and is recomputed in the backward pass, so activation memory does not grow with ``loops``. ``loops=1``
 is exactly the plain hybrid. *Ours*: the coda runs once per chunk, on the wake pass, as in streaming, where
 each token is predicted when it arrives and the window is slept on afterwards.
 
@@ -99,29 +100,35 @@ def wake(model: "SleepModel", ids: Tensor, states: Sequence[Any], span: int | No
 
 
 def consolidate(model: "SleepModel", feats: Tensor, states: Sequence[Any], start_states: Sequence[Any],
-                passes: int, span: int | None) -> list:
+                passes: int, span: int | None, checkpoint: bool = False) -> list:
     """Sleep: passes 2..``passes`` of the looped blocks over a chunk whose wake pass produced ``feats``.
 
     Each pass reads the context the wake pass read (the caches of ``start_states``, from before the chunk)
     and continues the fast weights of the previous pass; the returned states keep the wake pass's caches.
+    With ``checkpoint`` each pass keeps only its inputs for the backward pass and is recomputed there, so
+    the memory of a chunk's backward holds one pass's activations whatever ``passes`` is.
     """
     states = list(states)
     if passes <= 1:
         return states
     mixers, (lo, hi) = model.mixers(), model.loop_range
+    looped = model.layers[lo:hi]
     fast = states[lo:hi]
     h = feats
     for _ in range(passes - 1):
         pass_states = [with_fast_weights(mixers[lo + i], start_states[lo + i], fast[i]) for i in range(hi - lo)]
-        h, fast = run_blocks(model.layers[lo:hi], h, pass_states, span)
+        if checkpoint:
+            h, fast = activation_checkpoint(run_blocks, looped, h, pass_states, span, use_reentrant=False)
+        else:
+            h, fast = run_blocks(looped, h, pass_states, span)
     for i in range(hi - lo):
         states[lo + i] = with_fast_weights(mixers[lo + i], states[lo + i], fast[i])
     return states
 
 
-def _chunk(model: "SleepModel", ids: Tensor, targets: Tensor | None, states: list, passes: int,
-           need_logits: bool, span: int | None) -> tuple[Tensor | None, Tensor | None, list]:
-    """Wake + sleep over one training chunk. Returns (logits, summed CE over its targets, states)."""
+def _wake_and_loss(model: "SleepModel", ids: Tensor, targets: Tensor | None, states: list, span: int | None,
+                   need_logits: bool) -> tuple[Tensor, Tensor | None, Tensor | None, list]:
+    """The wake pass and the summed CE over ``targets``: (features, logits or None, loss or None, states)."""
     feats, logits, woken = wake(model, ids, states, span, need_logits or targets is not None)
     loss_sum = None
     if targets is not None:
@@ -129,7 +136,19 @@ def _chunk(model: "SleepModel", ids: Tensor, targets: Tensor | None, states: lis
         scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         loss_sum = F.cross_entropy(scores.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="sum")
-    return (logits if need_logits else None), loss_sum, consolidate(model, feats, woken, states, passes, span)
+    return feats, (logits if need_logits else None), loss_sum, woken
+
+
+def _chunk(model: "SleepModel", ids: Tensor, targets: Tensor | None, states: list, passes: int,
+           need_logits: bool, span: int | None, checkpoint: bool = False) -> tuple[Tensor | None, Tensor | None, list]:
+    """Wake + sleep over one training chunk. Returns (logits, summed CE over its targets, states).
+    With ``checkpoint`` the wake pass and each sleep pass are recomputed in the backward pass."""
+    args = (model, ids, targets, states, span, need_logits)
+    if checkpoint:
+        feats, logits, loss_sum, woken = activation_checkpoint(_wake_and_loss, *args, use_reentrant=False)
+    else:
+        feats, logits, loss_sum, woken = _wake_and_loss(*args)
+    return logits, loss_sum, consolidate(model, feats, woken, states, passes, span, checkpoint)
 
 
 def _check_inputs(model: "SleepModel", input_ids: Any, targets: Any) -> None:
@@ -166,11 +185,8 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
         tgt_c = None if targets is None else targets[:, start:end]
         if tgt_c is not None and not bool((tgt_c != IGNORE_INDEX).any()):
             tgt_c = None
-        args = (model, ids_c, tgt_c, states, loops if more else 1, return_logits, policy.span)
-        if use_ckpt:
-            logits_c, loss_c, states = activation_checkpoint(_chunk, *args, use_reentrant=False)
-        else:
-            logits_c, loss_c, states = _chunk(*args)
+        logits_c, loss_c, states = _chunk(model, ids_c, tgt_c, states, loops if more else 1, return_logits,
+                                          policy.span, use_ckpt)
         if return_logits:
             logits_parts.append(logits_c)
         if loss_c is not None:

@@ -148,14 +148,17 @@ def test_gradients_cross_evictions_only_through_fast_weights():
         assert g is not None and g.abs().max() > 0
 
 
+@pytest.mark.parametrize("loop_range", [(None, None), (1, 3)], ids=["all", "prelude+coda"])
 @pytest.mark.parametrize("loops", [1, 3])
-def test_activation_checkpointing_gives_the_same_loss_and_grads(loops):
+def test_activation_checkpointing_gives_the_same_loss_and_grads(loops, loop_range):
     ids = torch.randint(0, 11, (2, 20))
     targets = torch.randint(0, 11, (2, 20))
     targets[:, :5] = -100
     results = []
     for ckpt in (False, True):
         model = tiny_model()
+        model.loop_range = (0 if loop_range[0] is None else loop_range[0],
+                            len(model.layers) if loop_range[1] is None else loop_range[1])
         loss = model(ids, targets, loops=loops, checkpoint=ckpt).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
@@ -163,6 +166,24 @@ def test_activation_checkpointing_gives_the_same_loss_and_grads(loops):
     torch.testing.assert_close(l0, l1, rtol=0, atol=1e-13)
     for name in g0:
         torch.testing.assert_close(g0[name], g1[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_checkpointing_keeps_activation_memory_from_growing_with_loops():
+    """Peak bytes of a training step (deterministic: counted tensor by tensor). Without checkpointing every
+    pass's activations are kept until the backward pass; with it, one pass's at a time."""
+    from sleepzoo.benchmarks.core import peak_bytes
+
+    ids = torch.randint(0, 11, (4, 48))
+    model = tiny_model(dtype=torch.float32)
+
+    def peak(loops, ckpt):
+        return peak_bytes(lambda: model(ids, ids, window=6, loops=loops, checkpoint=ckpt).loss.backward())
+
+    plain = {n: peak(n, False) for n in (1, 4)}
+    ckpt = {n: peak(n, True) for n in (1, 4)}
+    assert plain[4] > 2.5 * plain[1]
+    assert ckpt[1] < plain[1] / 2
+    assert ckpt[4] < 1.5 * ckpt[1]
 
 
 def test_gradients_match_finite_differences_through_sleep():
