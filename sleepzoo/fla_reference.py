@@ -1,4 +1,4 @@
-"""fla-core's naive PyTorch references, loaded without importing ``fla``.
+"""fla-core's naive PyTorch references (independent checks of sleepzoo's ops), loaded without importing ``fla``.
 
 ``import fla`` pulls in triton (absent on CPU-only machines), so instead of importing the package we locate it
 with :func:`importlib.util.find_spec` (which does not execute ``fla/__init__.py``) and load single files

@@ -1,0 +1,49 @@
+"""Benchmarks of sleep on the machine at hand: ``sleepzoo bench`` and ``bench/`` (pytest-benchmark) run these.
+
+    from sleepzoo import benchmarks
+    results = benchmarks.run(["loops", "wake"])            # list of Result
+    benchmarks.checks(results)                               # the acceptance checks, measured
+    benchmarks.write_json(results, "bench.json")             # pytest-benchmark's format
+
+See :mod:`sleepzoo.benchmarks.suites` for what each suite measures and :mod:`sleepzoo.benchmarks.core` for
+how (timing, peak memory, JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .core import Case, Result, case_info, load_json, peak_bytes, run_case, saved_medians, time_case, to_json
+from .suites import SUITES, cases, checks
+
+__all__ = ["Case", "Result", "SUITES", "case_info", "cases", "checks", "load_json", "peak_bytes", "run",
+           "run_case", "saved_medians", "time_case", "to_json", "write_json"]
+
+
+def run(suites: Sequence[str] = SUITES, *, size: str = "default",
+        on_case: Callable[[Case, Result | None], None] | None = None) -> list[Result]:
+    """Run ``suites`` in order; ``on_case(case, None)`` before and ``on_case(case, result)`` after each case."""
+    results: list[Result] = []
+    for suite in suites:
+        medians: dict[str, float] = {}
+        for case in cases(suite, size):
+            if on_case:
+                on_case(case, None)
+            result = run_case(case, medians)
+            results.append(result)
+            if on_case:
+                on_case(case, result)
+    return results
+
+
+def write_json(results: list[Result], path: str | Path, suites: Sequence[str]) -> Path:
+    """Write the run as pytest-benchmark JSON (atomically) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(to_json(results, checks(results), suites=list(suites)), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

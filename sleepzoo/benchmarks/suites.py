@@ -1,0 +1,409 @@
+"""The benchmark suites: what sleep costs, measured on the machine at hand.
+
+==========  ==================================================================================================
+``ops``     the chunked gated delta rule against its step-by-step loop and fla-core's naive chunk reference
+            (forward+backward, B=2, T=2048, H=4, K=V=64), its matmul FLOP/s against this machine's matmul rate
+``loops``   forward+backward time of one consolidated window (wake + N-1 sleep passes) and of a training
+            step, against loops N in {1, 2, 4, 8} at a fixed window
+``window``  throughput against window L at a fixed sequence length: sequential windows with sleep against a
+            fully parallel sliding-window-attention hybrid of the same weights (the paper's Figure 6a)
+``wake``    per-token decode time against the context already streamed (1k ... 64k tokens) and loops,
+            against a full-attention model of the same size whose KV cache holds the whole context
+``memory``  peak training memory (tensors created by a forward+backward) against N, with and without
+            activation checkpointing per window
+==========  ==================================================================================================
+
+Every suite is a list of :class:`~sleepzoo.benchmarks.core.Case`; :func:`checks` turns a run's results into
+the acceptance checks (each with its measured value, the target and whether it holds). ``size="tiny"`` gives
+the same cases at toy sizes, for tests of the machinery.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import engine
+from ..build import build_model
+from ..config import load_recipe
+from ..registry import SleepzooError
+from .core import Case, Result, matmul_rate, peak_bytes
+
+SUITES = ("ops", "loops", "window", "wake", "memory")
+HYBRID = ("attention", "gated_deltanet", "attention", "gated_deltanet")
+VOCAB = 256
+
+# sizes per suite: "default" is what `sleepzoo bench` runs (all suites < 5 minutes on a 2-core CPU),
+# "tiny" checks the machinery in seconds
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {
+        "ops": {"B": 2, "T": 2048, "H": 4, "K": 64, "V": 64, "rounds": 5, "recurrent_rounds": 2},
+        "loops": {"d": 256, "B": 4, "L": 256, "windows": 4, "loops": (1, 2, 4, 8), "rounds": 5},
+        "window": {"d": 256, "B": 2, "T": 2048, "windows": (128, 256, 512, 1024), "loops": (1, 2), "rounds": 3},
+        "wake": {"d": 256, "L": 256, "contexts": (1024, 4096, 16384, 65536), "loops": (1, 4), "tokens": 48},
+        "memory": {"d": 128, "B": 2, "L": 128, "windows": 8, "loops": (1, 2, 4, 8)},
+    },
+    "tiny": {
+        "ops": {"B": 1, "T": 96, "H": 2, "K": 8, "V": 8, "rounds": 2, "recurrent_rounds": 1},
+        "loops": {"d": 32, "B": 2, "L": 16, "windows": 3, "loops": (1, 2), "rounds": 2},
+        "window": {"d": 32, "B": 1, "T": 64, "windows": (16, 32), "loops": (1,), "rounds": 2},
+        "wake": {"d": 32, "L": 16, "contexts": (32, 96), "loops": (1, 2), "tokens": 4},
+        "memory": {"d": 32, "B": 2, "L": 16, "windows": 3, "loops": (1, 2)},
+    },
+}
+
+
+def hybrid(d_model: int, *, layers: tuple[str, ...] = HYBRID, attention_window: int | None = None,
+           seed: int = 0) -> Any:
+    """The benchmarks' model: ``layers`` of width ``d_model`` (heads of 64, or d/4 when smaller), SwiGLU
+    MLPs, vocabulary 256, in train mode."""
+    torch.manual_seed(seed)
+    head_dim = min(64, d_model // 4)
+    heads = d_model // head_dim
+    attention = {"num_heads": heads, "head_dim": head_dim}
+    if attention_window is not None:
+        attention["window"] = attention_window
+    recipe = load_recipe({"model": {"d_model": d_model, "layers": list(layers), "vocab_size": VOCAB,
+                                    "mixers": {"attention": attention,
+                                               "gated_deltanet": {"num_heads": heads, "head_dim": head_dim}}}})
+    return build_model(recipe).train()
+
+
+def _tokens(B: int, T: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (B, T), generator=gen), torch.randint(0, VOCAB, (B, T), generator=gen)
+
+
+def _fast_weight_sum(states: list) -> torch.Tensor | int:
+    """What a following window would make of the fast weights: a scalar that depends on all of them, so the
+    backward pass reaches every sleep pass (the loss of the window itself only sees the wake pass)."""
+    return sum(s["fast_weights"].sum() for s in states if isinstance(s, dict) and "fast_weights" in s)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ops
+
+
+def chunked_flops(B: int, T: int, H: int, K: int, V: int, C: int = 64) -> int:
+    """Matmul FLOPs of one forward of the chunked gated delta rule (:func:`sleepzoo.ops.gated_delta_rule`),
+    counted from its products: per chunk K K^T and Q K^T (C x C x K each), the unit-triangular solve
+    (C^2 (V+K) / 2 multiply-adds), P W (C x C x (V+K)), Kd^T W (K x C x (V+K)), the state step (K x K x V) and
+    the read-out Q S0 (C x K x V)."""
+    n = math.ceil(T / C)
+    per_chunk = 2 * (C * C * K * 2 + C * C * (V + K) / 2 + C * C * (V + K) + K * C * (V + K) + K * K * V + C * K * V)
+    return int(B * H * n * per_chunk)
+
+
+def _ops_cases(s: dict) -> list[Case]:
+    from ..ops import gated_delta_rule, gated_delta_rule_recurrent
+
+    B, T, H, K, V = s["B"], s["T"], s["H"], s["K"], s["V"]
+    shape = {"B": B, "T": T, "H": H, "K": K, "V": V}
+
+    def make_inputs() -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        return {"q": torch.randn(B, T, H, K, generator=gen),
+                "k": F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1),
+                "v": torch.randn(B, T, H, V, generator=gen),
+                "g": F.logsigmoid(torch.randn(B, T, H, generator=gen) + 1.0),
+                "beta": torch.sigmoid(torch.randn(B, T, H, generator=gen))}
+
+    def fwd_bwd(op: Callable) -> Callable[[], Callable[[], None]]:
+        def make() -> Callable[[], None]:
+            leaves = {n: x.requires_grad_() for n, x in make_inputs().items()}
+
+            def run() -> None:
+                for x in leaves.values():
+                    x.grad = None
+                o, S = op(**leaves)
+                (o.sum() + S.sum()).backward()
+            return run
+        return make
+
+    def fla_naive(q, k, v, g, beta):
+        from .. import fla_reference
+
+        return fla_reference.naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=64, output_final_state=True)
+
+    group = f"ops: gated_delta fwd+bwd B={B} T={T} H={H} K={K} V={V} float32"
+    flops = 3 * chunked_flops(B, T, H, K, V)  # forward + backward ~ 3 forwards of matmul work
+    cases = [
+        Case("ops", "chunked", group, {"op": "chunked", **shape},
+             make=fwd_bwd(lambda **x: gated_delta_rule(**x, output_final_state=True)), tokens=B * T,
+             baseline="chunked", rounds=s["rounds"], info={"flops": flops}),
+        Case("ops", "recurrent", group, {"op": "recurrent", **shape},
+             make=fwd_bwd(lambda **x: gated_delta_rule_recurrent(**x, output_final_state=True)), tokens=B * T,
+             baseline="chunked", rounds=s["recurrent_rounds"]),
+    ]
+    from .. import fla_reference
+
+    if fla_reference.naive_chunk_gated_delta_rule is not None:
+        cases.append(Case("ops", "fla_naive_chunk", group, {"op": "fla_naive_chunk", **shape},
+                          make=fwd_bwd(fla_naive), tokens=B * T, baseline="chunked", rounds=s["rounds"]))
+    cases.append(Case("ops", "matmul_rate", "ops: this machine's float32 matmul rate", {"n": 1024},
+                      measure=lambda: {"gflops_per_s": round(matmul_rate(1024) / 1e9, 2)}))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loops
+
+
+def _loops_cases(s: dict) -> list[Case]:
+    d, B, L, W = s["d"], s["B"], s["L"], s["windows"]
+    cases = []
+    for N in s["loops"]:
+        def make_window(N: int = N) -> Callable[[], None]:
+            model = hybrid(d)
+            ids, tgt = _tokens(B, L)
+            empty = [None] * len(model.layers)
+
+            def run() -> None:
+                model.zero_grad(set_to_none=True)
+                _, loss, states = engine._chunk(model, ids, tgt, empty, N, False, None)
+                (loss + _fast_weight_sum(states)).backward()
+            return run
+
+        def make_step(N: int = N) -> Callable[[], None]:
+            model = hybrid(d)
+            ids, tgt = _tokens(B, W * L)
+
+            def run() -> None:
+                model.zero_grad(set_to_none=True)
+                model(ids, tgt, window=L, loops=N, return_logits=False).loss.backward()
+            return run
+
+        cases.append(Case("loops", f"window[N={N}]", f"loops: one consolidated window, fwd+bwd, B={B} L={L} d={d}",
+                          {"N": N, "B": B, "L": L, "d": d}, make=make_window, tokens=B * L,
+                          baseline=f"window[N={s['loops'][0]}]", rounds=s["rounds"]))
+        cases.append(Case("loops", f"step[N={N}]", f"loops: training step, fwd+bwd, B={B} T={W * L} L={L} d={d}",
+                          {"N": N, "B": B, "T": W * L, "L": L, "d": d}, make=make_step, tokens=B * W * L,
+                          baseline=f"step[N={s['loops'][0]}]", rounds=s["rounds"]))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# window
+
+
+def _window_cases(s: dict) -> list[Case]:
+    d, B, T = s["d"], s["B"], s["T"]
+    cases = []
+    for L in s["windows"]:
+        group = f"window: L={L}, T={T}, B={B}, d={d}, fwd+bwd"
+
+        def make_swa(L: int = L) -> Callable[[], None]:
+            model = hybrid(d, attention_window=L)  # same weights as the sleep model (same seed)
+            ids, tgt = _tokens(B, T)
+
+            def run() -> None:
+                model.zero_grad(set_to_none=True)
+                model(ids, tgt, window=T, loops=1, return_logits=False).loss.backward()
+            return run
+
+        cases.append(Case("window", f"swa[L={L}]", group, {"method": "swa", "L": L, "N": 1, "T": T},
+                          make=make_swa, tokens=B * T, baseline=f"swa[L={L}]", rounds=s["rounds"]))
+        for N in s["loops"]:
+            def make_sleep(L: int = L, N: int = N) -> Callable[[], None]:
+                model = hybrid(d)
+                ids, tgt = _tokens(B, T)
+
+                def run() -> None:
+                    model.zero_grad(set_to_none=True)
+                    model(ids, tgt, window=L, loops=N, return_logits=False).loss.backward()
+                return run
+
+            cases.append(Case("window", f"sleep[L={L},N={N}]", group, {"method": "sleep", "L": L, "N": N, "T": T},
+                              make=make_sleep, tokens=B * T, baseline=f"swa[L={L}]", rounds=s["rounds"]))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# wake
+
+
+class _GrowingStream:
+    """One stream per loop count, fed up to each context in turn, so 64k tokens are prefilled once."""
+
+    def __init__(self, d: int, L: int, loops: int):
+        self.model = hybrid(d).eval()
+        self.stream = self.model.start_stream(window=L, loops=loops)
+        self.gen = torch.Generator().manual_seed(0)
+        self.L = L
+
+    @torch.no_grad()
+    def grow_to(self, context: int) -> None:
+        while self.stream.tokens < context:
+            take = min(self.L - self.stream.filled or self.L, context - self.stream.tokens)
+            self.stream.feed(torch.randint(0, VOCAB, (1, take), generator=self.gen))
+
+
+def _wake_cases(s: dict) -> list[Case]:
+    d, L = s["d"], s["L"]
+    streams: dict[int, _GrowingStream] = {}
+    full_model: list = []
+    cases = []
+    first = f"wake[N={s['loops'][0]},ctx={s['contexts'][0]}]"
+    for N in s["loops"]:
+        for ctx in s["contexts"]:
+            def make(N: int = N, ctx: int = ctx) -> Callable[[], None]:
+                if N not in streams:
+                    streams[N] = _GrowingStream(d, L, N)
+                g = streams[N]
+                g.grow_to(ctx)
+                token = torch.zeros(1, 1, dtype=torch.long)
+
+                @torch.no_grad()
+                def run() -> None:  # the stream sleeps when its window fills: the median is the wake pass
+                    g.stream.feed(token)
+                return run
+
+            cases.append(Case("wake", f"wake[N={N},ctx={ctx}]", f"wake: decode one token, d={d}, L={L}",
+                              {"method": "sleep", "N": N, "context": ctx, "L": L}, make=make, tokens=1,
+                              baseline=first, rounds=s["tokens"], warmup=2))
+    for ctx in s["contexts"]:
+        def make_full(ctx: int = ctx) -> Callable[[], None]:
+            if not full_model:
+                full_model.append(hybrid(d, layers=("attention",) * len(HYBRID)).eval())
+            model = full_model[0]
+            gen = torch.Generator().manual_seed(0)
+            # A KV cache of ``ctx`` tokens: decode time depends on its size, not its values, and prefilling
+            # 64k tokens of full attention would take this CPU minutes.
+            states = [{"k": torch.randn(1, m.num_kv_heads, ctx, m.head_dim, generator=gen),
+                       "v": torch.randn(1, m.num_kv_heads, ctx, m.head_dim, generator=gen), "offset": ctx}
+                      for m in model.mixers()]
+            token = torch.zeros(1, 1, dtype=torch.long)
+
+            @torch.no_grad()
+            def run() -> None:
+                engine.wake(model, token, states, None)
+            return run
+
+        cases.append(Case("wake", f"full_attention[ctx={ctx}]", f"wake: decode one token, d={d}, L={L}",
+                          {"method": "full_attention", "N": 1, "context": ctx}, make=make_full, tokens=1,
+                          baseline=first, rounds=max(3, s["tokens"] // 4), warmup=1))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# memory
+
+
+def _memory_cases(s: dict) -> list[Case]:
+    d, B, L, W = s["d"], s["B"], s["L"], s["windows"]
+    cases = []
+    for ckpt in (False, True):
+        for N in s["loops"]:
+            def measure(N: int = N, ckpt: bool = ckpt) -> dict[str, Any]:
+                model = hybrid(d)
+                ids, tgt = _tokens(B, W * L)
+                params = sum(p.numel() * p.element_size() for p in model.parameters())
+
+                def step() -> None:
+                    model(ids, tgt, window=L, loops=N, checkpoint=ckpt, return_logits=False).loss.backward()
+                return {"peak_bytes": peak_bytes(step), "parameter_bytes": params}
+
+            tag = "on" if ckpt else "off"
+            cases.append(Case("memory", f"memory[N={N},checkpoint={tag}]",
+                              f"memory: peak of a training step, B={B} T={W * L} L={L} d={d}",
+                              {"N": N, "checkpoint": ckpt, "B": B, "T": W * L, "L": L}, measure=measure))
+    return cases
+
+
+BUILDERS: dict[str, Callable[[dict], list[Case]]] = {
+    "ops": _ops_cases, "loops": _loops_cases, "window": _window_cases, "wake": _wake_cases,
+    "memory": _memory_cases}
+
+
+def cases(suite: str, size: str = "default") -> list[Case]:
+    """The cases of ``suite`` at ``size`` ("default" or "tiny"), in the order they run."""
+    if suite not in BUILDERS:
+        raise SleepzooError(f"unknown benchmark suite {suite!r}; suites: {', '.join(SUITES)}")
+    if size not in SIZES:
+        raise SleepzooError(f"unknown benchmark size {size!r}; sizes: {', '.join(SIZES)}")
+    return BUILDERS[suite](SIZES[size][suite])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# acceptance checks
+
+
+def _check(name: str, value: float | None, target: str, ok: bool | None, detail: str = "") -> dict[str, Any]:
+    return {"check": name, "value": None if value is None else round(value, 4), "target": target,
+            "ok": ok, "detail": detail}
+
+
+def checks(results: list[Result]) -> list[dict[str, Any]]:
+    """The acceptance checks that the results of this run allow (a suite not run gives none)."""
+    by = {r.case.fullname: r for r in results}
+    med = {k: r.median for k, r in by.items()}
+    info = {k: r.extra_info for k, r in by.items()}
+    out: list[dict[str, Any]] = []
+
+    # loops: a consolidated window at N loops costs N wake passes
+    windows = sorted((r.case.params["N"], r.median) for r in results
+                     if r.case.suite == "loops" and r.case.name.startswith("window["))
+    base = dict(windows).get(1)
+    for N, t in windows:
+        if N > 1 and base:
+            ratio = t / base
+            out.append(_check(f"loops: window time N={N} / N=1", ratio, f"[{0.9 * N:.1f}, {1.1 * N:.1f}]",
+                              0.9 * N <= ratio <= 1.1 * N, f"{ratio / N:.3f} N"))
+    # loops: the step at N against (windows - 1) consolidated windows at N + one wake pass
+    steps = {r.case.params["N"]: r for r in results if r.case.suite == "loops" and r.case.name.startswith("step[")}
+    wins = dict(windows)
+    for N, r in sorted(steps.items()):
+        W = r.case.params["T"] // r.case.params["L"]
+        if N in wins and 1 in wins:
+            predicted = (W - 1) * wins[N] + wins[1]
+            out.append(_check(f"loops: step time N={N} / (windows x window time)", r.median / predicted,
+                              "about 1 (no cost outside the passes)", None))
+
+    # wake: flat in context and loops, far below full attention
+    wake = {(r.case.params["method"], r.case.params["N"], r.case.params["context"]): r.median
+            for r in results if r.case.suite == "wake"}
+    contexts = sorted({c for (_, _, c) in wake})
+    if contexts:
+        lo, hi = contexts[0], contexts[-1]
+        loops = sorted({n for (m, n, _) in wake if m == "sleep"})
+        for N in loops:
+            if ("sleep", N, lo) in wake and ("sleep", N, hi) in wake:
+                ratio = wake[("sleep", N, hi)] / wake[("sleep", N, lo)]
+                out.append(_check(f"wake: ms/token at {hi} / at {lo} tokens, N={N}", ratio, "[0.9, 1.1]",
+                                  0.9 <= ratio <= 1.1))
+        if len(loops) > 1 and all(("sleep", n, hi) in wake for n in loops):
+            ratio = wake[("sleep", loops[-1], hi)] / wake[("sleep", loops[0], hi)]
+            out.append(_check(f"wake: ms/token N={loops[-1]} / N={loops[0]} at {hi}", ratio, "[0.9, 1.1]",
+                              0.9 <= ratio <= 1.1))
+        if ("full_attention", 1, hi) in wake and ("sleep", loops[0], hi) in wake:
+            ratio = wake[("full_attention", 1, hi)] / max(wake[("sleep", n, hi)] for n in loops
+                                                         if ("sleep", n, hi) in wake)
+            out.append(_check(f"wake: full attention / sleep ms/token at {hi}", ratio, ">= 10", ratio >= 10))
+
+    # memory: checkpointing keeps the peak from growing with N
+    mem = {(r.case.params["N"], r.case.params["checkpoint"]): r.extra_info["peak_bytes"]
+           for r in results if r.case.suite == "memory"}
+    for ckpt, tag in ((True, "on"), (False, "off")):
+        if (1, ckpt) in mem:
+            for N in sorted(n for (n, c) in mem if c == ckpt and n > 1):
+                ratio = mem[(N, ckpt)] / mem[(1, ckpt)]
+                target = "<= 1.5" if ckpt and N == 4 else "(reported)"
+                out.append(_check(f"memory: peak N={N} / N=1, checkpoint {tag}", ratio, target,
+                                  ratio <= 1.5 if ckpt and N == 4 else None))
+
+    # ops: the chunked op against fla-core's naive chunk, and against the machine's matmul rate
+    if med.get("ops::chunked") and med.get("ops::fla_naive_chunk"):
+        ratio = med["ops::fla_naive_chunk"] / med["ops::chunked"]
+        out.append(_check("ops: chunked speed / fla naive chunk", ratio, ">= 2", ratio >= 2))
+    if med.get("ops::chunked") and med.get("ops::recurrent"):
+        out.append(_check("ops: chunked speed / recurrent", med["ops::recurrent"] / med["ops::chunked"],
+                          "(reported)", None))
+    if "ops::chunked" in info and "ops::matmul_rate" in info:
+        share = info["ops::chunked"]["gflops_per_s"] / info["ops::matmul_rate"]["gflops_per_s"]
+        out.append(_check("ops: chunked GFLOP/s / matmul GFLOP/s", share, "(reported)", None,
+                          f"{info['ops::chunked']['gflops_per_s']:.1f} of "
+                          f"{info['ops::matmul_rate']['gflops_per_s']:.1f} GFLOP/s"))
+    return out
