@@ -25,6 +25,7 @@ Training (:func:`run`) and streaming inference (:class:`Stream`) are two drivers
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -240,6 +241,15 @@ class Stream:
             pos += take
         self.tokens += ids.shape[1]
         return torch.cat(out, dim=1)
+
+    def fork(self) -> "Stream":
+        """An independent stream in this one's state (e.g. several continuations of one prompt): states are
+        shared until either stream replaces them, which is safe because the engine never changes a state
+        tensor in place."""
+        other = copy.copy(self)
+        other.states, other.feats = list(self.states), list(self.feats)
+        other.chunk_start = other.states if self.chunk_start is self.states else list(self.chunk_start)
+        return other
 
     def sleep(self) -> None:
         """Consolidate the current chunk (passes 2..loops) and evict; the next token starts a new chunk."""

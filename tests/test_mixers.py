@@ -170,3 +170,32 @@ def test_gated_deltanet_decay_is_a_log_decay():
 def test_gated_deltanet_bad_sizes():
     with pytest.raises(SleepzooError, match="whole number"):
         GatedDeltaNet(16, num_heads=2, head_dim=3, expand_v=1.5)
+
+
+@pytest.mark.parametrize("T", [1, 3, 16, 17, 40])
+@pytest.mark.parametrize("history", [None, 0, 1, 3])
+def test_causal_depthwise_conv_both_paths_match_a_tap_loop(T, history):
+    """Short inputs take a sum over taps, long ones conv1d: both equal the definition, values and grads."""
+    from sleepzoo.mixers.gated_deltanet import causal_depthwise_conv
+
+    gen = torch.Generator().manual_seed(T)
+    B, C, W = 2, 5, 4
+    x = torch.randn(B, T, C, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(C, 1, W, generator=gen, dtype=torch.float64, requires_grad=True)
+    hist = None if history is None else torch.randn(B, history, C, generator=gen, dtype=torch.float64)
+    y, nxt = causal_depthwise_conv(x, weight, hist)
+    full = x if hist is None else torch.cat([hist, x], dim=1)
+    P = full.shape[1] - T
+    ref = torch.zeros(B, T, C, dtype=torch.float64)
+    for t in range(T):
+        for j in range(W):  # tap j reads the input W - 1 - j steps back
+            src = P + t - (W - 1 - j)
+            if src >= 0:
+                ref[:, t] = ref[:, t] + full[:, src] * weight[:, 0, j]
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(nxt, full[:, -(W - 1):])
+    g = torch.randn(B, T, C, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(y, (x, weight), g)
+    grads_ref = torch.autograd.grad(ref, (x, weight), g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

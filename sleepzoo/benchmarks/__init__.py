@@ -16,11 +16,12 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .core import Case, Result, case_info, load_json, peak_bytes, run_case, saved_medians, time_case, to_json
+from .core import (Case, Result, case_info, load_json, peak_bytes, run_case, run_group, saved_medians, time_case,
+                   time_interleaved, to_json)
 from .suites import SUITES, cases, checks
 
 __all__ = ["Case", "Result", "SUITES", "case_info", "cases", "checks", "load_json", "peak_bytes", "run",
-           "run_case", "saved_medians", "time_case", "to_json", "write_json"]
+           "run_case", "run_group", "saved_medians", "time_case", "time_interleaved", "to_json", "write_json"]
 
 
 def run(suites: Sequence[str] = SUITES, *, size: str = "default",
@@ -29,14 +30,30 @@ def run(suites: Sequence[str] = SUITES, *, size: str = "default",
     results: list[Result] = []
     for suite in suites:
         medians: dict[str, float] = {}
-        for case in cases(suite, size):
+        for group in _groups(cases(suite, size)):
             if on_case:
-                on_case(case, None)
-            result = run_case(case, medians)
-            results.append(result)
+                for case in group:
+                    on_case(case, None)
+            if len(group) > 1 and all(c.make is not None for c in group):
+                found = run_group(group, medians)  # timed comparisons: interleaved rounds
+            else:
+                found = [run_case(case, medians) for case in group]
+            results.extend(found)
             if on_case:
-                on_case(case, result)
+                for case, result in zip(group, found):
+                    on_case(case, result)
     return results
+
+
+def _groups(found: list[Case]) -> list[list[Case]]:
+    """Consecutive cases of the same group."""
+    groups: list[list[Case]] = []
+    for case in found:
+        if groups and groups[-1][0].group == case.group:
+            groups[-1].append(case)
+        else:
+            groups.append([case])
+    return groups
 
 
 def write_json(results: list[Result], path: str | Path, suites: Sequence[str]) -> Path:

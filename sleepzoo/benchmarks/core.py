@@ -83,6 +83,30 @@ def time_case(case: Case) -> list[float]:
     return times
 
 
+def time_interleaved(cases: list[Case]) -> list[list[float]]:
+    """Seconds per call of each case, measured round-robin (round r of every case before round r + 1 of any),
+    so that a slow drift of the machine (another process, frequency scaling) affects every case of a
+    comparison alike instead of whichever ran during it. Cases with fewer rounds drop out early."""
+    fns = [case.make() for case in cases]
+    for case, fn in zip(cases, fns):
+        for _ in range(case.warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in cases]
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(max(case.rounds for case in cases)):
+            for i, (case, fn) in enumerate(zip(cases, fns)):
+                if r < case.rounds:
+                    t0 = time.perf_counter()
+                    fn()
+                    times[i].append(time.perf_counter() - t0)
+    finally:
+        if gc_was:
+            gc.enable()
+    return times
+
+
 def case_info(case: Case, median: float | None, baseline_median: float | None) -> dict[str, Any]:
     """``extra_info`` of a timed case: its static facts, tokens/s and the ratio to its group's baseline."""
     info = dict(case.info)
@@ -102,7 +126,19 @@ def run_case(case: Case, medians: dict[str, float]) -> Result:
     """Run ``case``; ``medians`` (name -> seconds, this run's) supplies and receives baseline medians."""
     if case.measure is not None:
         return Result(case, [], {**case.info, **case.measure()})
-    times = time_case(case)
+    return _result(case, time_case(case), medians)
+
+
+def run_group(cases: list[Case], medians: dict[str, float]) -> list[Result]:
+    """Run the timed cases of one group interleaved (:func:`time_interleaved`), ratios against the group's
+    baseline from the same rounds."""
+    timings = time_interleaved(cases)
+    for case, times in zip(cases, timings):
+        medians[case.name] = statistics.median(times)
+    return [_result(case, times, medians) for case, times in zip(cases, timings)]
+
+
+def _result(case: Case, times: list[float], medians: dict[str, float]) -> Result:
     median = statistics.median(times)
     medians[case.name] = median
     base = medians.get(case.baseline) if case.baseline else None

@@ -41,9 +41,9 @@ VOCAB = 256
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
         "ops": {"B": 2, "T": 2048, "H": 4, "K": 64, "V": 64, "rounds": 5, "recurrent_rounds": 2},
-        "loops": {"d": 256, "B": 4, "L": 256, "windows": 4, "loops": (1, 2, 4, 8), "rounds": 5},
-        "window": {"d": 256, "B": 2, "T": 2048, "windows": (128, 256, 512, 1024), "loops": (1, 2), "rounds": 3},
-        "wake": {"d": 256, "L": 256, "contexts": (1024, 4096, 16384, 65536), "loops": (1, 4), "tokens": 48},
+        "loops": {"d": 256, "B": 2, "L": 256, "windows": 4, "loops": (1, 2, 4, 8), "rounds": 5},
+        "window": {"d": 256, "B": 1, "T": 2048, "windows": (128, 256, 512, 1024), "loops": (1, 2), "rounds": 3},
+        "wake": {"d": 256, "L": 256, "contexts": (1024, 4096, 16384, 65536), "loops": (1, 4), "tokens": 64},
         "memory": {"d": 128, "B": 2, "L": 128, "windows": 8, "loops": (1, 2, 4, 8)},
     },
     "tiny": {
@@ -226,7 +226,8 @@ def _window_cases(s: dict) -> list[Case]:
 
 
 class _GrowingStream:
-    """One stream per loop count, fed up to each context in turn, so 64k tokens are prefilled once."""
+    """One stream per loop count, fed up to each context in turn (64k tokens are prefilled once); every case
+    decodes on its own fork of it at its context."""
 
     def __init__(self, d: int, L: int, loops: int):
         self.model = hybrid(d).eval()
@@ -235,10 +236,11 @@ class _GrowingStream:
         self.L = L
 
     @torch.no_grad()
-    def grow_to(self, context: int) -> None:
+    def fork_at(self, context: int) -> engine.Stream:
         while self.stream.tokens < context:
             take = min(self.L - self.stream.filled or self.L, context - self.stream.tokens)
             self.stream.feed(torch.randint(0, VOCAB, (1, take), generator=self.gen))
+        return self.stream.fork()
 
 
 def _wake_cases(s: dict) -> list[Case]:
@@ -252,13 +254,12 @@ def _wake_cases(s: dict) -> list[Case]:
             def make(N: int = N, ctx: int = ctx) -> Callable[[], None]:
                 if N not in streams:
                     streams[N] = _GrowingStream(d, L, N)
-                g = streams[N]
-                g.grow_to(ctx)
+                stream = streams[N].fork_at(ctx)
                 token = torch.zeros(1, 1, dtype=torch.long)
 
                 @torch.no_grad()
                 def run() -> None:  # the stream sleeps when its window fills: the median is the wake pass
-                    g.stream.feed(token)
+                    stream.feed(token)
                 return run
 
             cases.append(Case("wake", f"wake[N={N},ctx={ctx}]", f"wake: decode one token, d={d}, L={L}",
@@ -284,7 +285,7 @@ def _wake_cases(s: dict) -> list[Case]:
 
         cases.append(Case("wake", f"full_attention[ctx={ctx}]", f"wake: decode one token, d={d}, L={L}",
                           {"method": "full_attention", "N": 1, "context": ctx}, make=make_full, tokens=1,
-                          baseline=first, rounds=max(3, s["tokens"] // 4), warmup=1))
+                          baseline=first, rounds=s["tokens"], warmup=2))
     return cases
 
 

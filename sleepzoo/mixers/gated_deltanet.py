@@ -28,9 +28,11 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        normed_x = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = normed_x.to(x.dtype) * self.weight
+        if x.dtype in (torch.float16, torch.bfloat16):  # normalise in float32, then scale in x's dtype
+            xf = x.float()
+            out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        else:  # torch's fused kernel: x * rsqrt(mean(x^2) + eps) * weight
+            out = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return out if gate is None else out * F.silu(gate)
 
 
@@ -49,9 +51,24 @@ def causal_depthwise_conv(x: Tensor, weight: Tensor, history: Tensor | None = No
     before x (None or empty: zeros). Returns (y (B, T, C), the last W-1 inputs as the next history)."""
     T, width = x.shape[1], weight.shape[-1]
     seq = x if history is None else torch.cat([history, x], dim=1)  # (B, P + T, C)
-    y = F.conv1d(seq.transpose(1, 2), weight, padding=width - 1, groups=x.shape[-1])  # (B, C, P + T + W - 1)
-    y = y[..., seq.shape[1] - T: seq.shape[1]].transpose(1, 2)  # outputs of x's positions
+    if T <= _SHORT_CONV:
+        # Decoding and short pieces: a weighted sum over the taps costs a few small ops, where a conv1d
+        # call costs ~80 us whatever T is (measured; docs/performance.md). Same values up to rounding.
+        short = seq[:, -(T + width - 1):]
+        if short.shape[1] < T + width - 1:  # less history than the taps reach: zeros before the sequence
+            short = F.pad(short, (0, 0, T + width - 1 - short.shape[1], 0))
+        taps = weight[:, 0].t()  # (W, C): tap j multiplies the input W - 1 - j steps back
+        if T == 1:
+            y = (short * taps).sum(1, keepdim=True)
+        else:
+            y = sum(short[:, j:j + T] * taps[j] for j in range(width))
+    else:
+        y = F.conv1d(seq.transpose(1, 2), weight, padding=width - 1, groups=x.shape[-1])  # (B, C, P+T+W-1)
+        y = y[..., seq.shape[1] - T: seq.shape[1]].transpose(1, 2)  # outputs of x's positions
     return y, seq[:, -(width - 1):] if width > 1 else seq[:, :0]
+
+
+_SHORT_CONV = 16  # up to this many new tokens, the conv is a sum over taps (see causal_depthwise_conv)
 
 
 class GatedDeltaNet(nn.Module):
