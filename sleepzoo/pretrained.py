@@ -188,15 +188,28 @@ def _build(config: dict, path: Path | None, *, sleep: SleepConfig | None, settin
 
 
 def from_config(config: dict | str | Path, *, sleep: SleepConfig | None = None, **overrides: Any) -> nn.Module:
-    """A randomly initialised model of the config's ``model_type`` (a dict, config.json, or its folder).
+    """A randomly initialised model of the config's ``model_type`` (a dict, config.json, its folder, or the
+    name of a published config that ships with sleepzoo: :data:`PUBLISHED_CONFIGS`, e.g. ``"ouro-1.4b"``).
 
     ``sleep`` is the base sleep setting (default :func:`published_sleep`); ``overrides`` are sleep settings
     and the model's own (:func:`allowed_overrides`), applied over the config's ``sleepzoo`` key. Under
     ``with torch.device("meta")`` nothing is allocated (shapes and parameter counts only).
     """
-    data, path = read_config_json(config)
+    data, path = read_config_json(published_config(config))
     stored = _stored_settings(data, str(path or "config"), sleep)
     return _build(data, path, sleep=sleep, settings={**stored, **overrides})
+
+
+# The published models' config.json (architecture facts, no weights), so that their shapes can be built
+# (random or on the meta device) without a download: ``from_config("jet-nemotron-2b")``.
+PUBLISHED_CONFIGS = ("jet-nemotron-2b", "ouro-1.4b")
+
+
+def published_config(config: Any) -> Any:
+    """``config`` itself, or the path of the shipped config.json it names (see :data:`PUBLISHED_CONFIGS`)."""
+    if isinstance(config, str) and config in PUBLISHED_CONFIGS and not Path(config).exists():
+        return Path(__file__).parent / "models" / "configs" / f"{config}.json"
+    return config
 
 
 def _resolve_dtype(dtype: Any, config: dict) -> torch.dtype:

@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import sleepzoo.pretrained
 from sleepzoo import SleepzooError
 from sleepzoo.config import ModelConfig
 from sleepzoo.models.jet_nemotron import JetNemotronLM, build_jet_nemotron, default_loop_range
 from sleepzoo.pretrained import from_config, from_pretrained, model_class, save_pretrained
 
-REFERENCE = Path(__file__).resolve().parents[1] / "shared" / "reference" / "jet-nemotron-2b.config.json"
-if not REFERENCE.is_file():  # the shared folder sits next to the checkout on the build machines
-    REFERENCE = Path("/work/shared/reference/jet-nemotron-2b.config.json")
+# the published config.json, shipped with sleepzoo (sleepzoo/models/configs/)
+REFERENCE = Path(sleepzoo.pretrained.published_config("jet-nemotron-2b"))
 
 # Same structure as the published config (jet / attn / swa layers, GQA, tied embeddings), tiny sizes.
 TINY = {

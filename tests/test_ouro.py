@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from sleepzoo import SleepzooError
 from sleepzoo.models.ouro import OuroLM, exit_distribution, insert_jet_layers
 
-REFERENCE = Path("/work/shared/reference/ouro-1.4b.config.json")
-if not REFERENCE.is_file():  # the shared folder is a checkout convenience; the config's facts are these
-    REFERENCE = None
+# the published config.json, shipped with sleepzoo (sleepzoo/models/configs/); the facts are also these:
+REFERENCE = Path(__file__).resolve().parents[1] / "sleepzoo" / "models" / "configs" / "ouro-1.4b.json"
 REFERENCE_CONFIG = {
     "architectures": ["OuroForCausalLM"], "model_type": "ouro", "vocab_size": 49152, "hidden_size": 2048,
     "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,

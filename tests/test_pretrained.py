@@ -21,9 +21,7 @@ from sleepzoo.models.ouro import OuroLM
 from sleepzoo.pretrained import allowed_overrides, convert, from_config, from_pretrained, parse_size, save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
-if not REFERENCE.is_dir():
-    REFERENCE = Path("/work/shared/reference")
+REFERENCE = REPO / "sleepzoo" / "models" / "configs"  # the published config.json files, shipped
 RECIPES = sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "recipes").glob("*/*.yaml"))
 
 JET = {
@@ -103,11 +101,11 @@ def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_api_is_exported_lazily_and_builds_the_reference_configs_on_meta():
     assert sleepzoo.from_pretrained is from_pretrained and sleepzoo.from_config is from_config
     with torch.device("meta"):
-        jet = sleepzoo.from_config(REFERENCE / "jet-nemotron-2b.config.json", window=2000, loops=4,
+        jet = sleepzoo.from_config(REFERENCE / "jet-nemotron-2b.json", window=2000, loops=4,
                                    loop_start=6, loop_end=22)
-        ouro = sleepzoo.from_config(REFERENCE / "ouro-1.4b.config.json", wake_passes=1,
+        ouro = sleepzoo.from_config(REFERENCE / "ouro-1.4b.json", wake_passes=1,
                                     sleep_layers=[3, 7, 11, 15, 19, 23], loops=2)
-        plain = sleepzoo.from_config(REFERENCE / "ouro-1.4b.config.json")
+        plain = sleepzoo.from_config(REFERENCE / "ouro-1.4b.json")
     assert jet.num_parameters() == 1_964_806_208 and jet.loop_range == (6, 22)
     assert (jet.sleep.window, jet.sleep.loops) == (2000, 4)
     assert plain.num_parameters() == 1_434_652_673
@@ -376,3 +374,15 @@ def test_resaving_replaces_stale_weight_files(tmp_path):
     loaded = from_pretrained(tmp_path)
     assert isinstance(loaded, JetNemotronLM) and torch.equal(logits(loaded, x), logits(model, x))
     assert isinstance(from_config(OURO), OuroLM)
+
+
+def test_published_configs_ship_and_build_by_name():
+    from sleepzoo.pretrained import PUBLISHED_CONFIGS
+
+    counts = {"jet-nemotron-2b": 1_964_806_208, "ouro-1.4b": 1_434_652_673}
+    assert set(PUBLISHED_CONFIGS) == set(counts)
+    for name, count in counts.items():
+        with torch.device("meta"):
+            model = sleepzoo.from_config(name)
+        seen = {id(p): p.numel() for p in model.parameters()}  # tied weights once
+        assert sum(seen.values()) == count, name
