@@ -11,10 +11,12 @@ Sections, each run in its own try/except and reported whatever happens (``status
 * ``attention``: every attention back end that imports (``sdpa``, ``flex``, ``flash_attn``, ``xformers``)
   against an explicit-mask float32 softmax: causal, sliding window, a KV cache (S > T), GQA, one-token decode;
   output and the gradients of q, k, v. A back end whose ``unsupported`` gives a reason is reported with it.
-* ``throughput``: a sleepzoo hybrid (d 1024, 8 layers alternating attention / gated_deltanet, bfloat16) on
-  T = 4096 tokens with window L in {1024, 2048} and loops N in {1, 2, 4}: tokens/s of a training step
-  (forward + backward) and of an inference forward, with the largest batch that fits (halved on OOM). It uses
-  the fla rule and flash-attn where they run, else the torch rule and sdpa (recorded in each row).
+* ``throughput``: the paper's Figure 6 set-up: an Ouro-1.4B-sized model (the shipped config.json, random
+  weights) with the retrofit's six Jet layers, one wake step, sleep over all blocks, bfloat16, on T = 12,288
+  tokens with window L in {1k, 2k, 4k} and loops N in {1, 2, 4}: tokens/s of a training step (forward +
+  backward, activation checkpointing per pass) and of an inference forward, with the largest batch that fits
+  (halved on OOM), and the training slowdown against N = 1. It uses the fla rule and flash-attn where they
+  run, else the torch rule and sdpa (recorded in each row).
 
 The plugins are imported from ``plugins/`` when they are not installed. A time budget (``--budget-s``) skips
 what would not finish. Results: a printed table per section and JSON at ``--out``.
@@ -230,20 +232,26 @@ def _choose_rule_and_backend(device: torch.device) -> tuple[str, str, dict]:
     return rule, backend, why
 
 
-def _build_hybrid(d: int, n_layers: int, vocab: int, window: int, loops: int, rule: str, backend: str, device,
-                  dtype):
-    import sleepzoo
+def _build_ouro(dry_run: bool, window: int, loops: int, rule: str, backend: str, device, dtype):
+    """The paper's Figure 6 model: Ouro-1.4B's shapes (the shipped config.json, random weights) with the
+    retrofit's six Jet layers, one wake step, sleep over all blocks. ``dry_run``: the same structure, tiny."""
+    from sleepzoo.config import SleepConfig
+    from sleepzoo.models.ouro import OuroLM
+    from sleepzoo.pretrained import published_config
 
-    recipe = sleepzoo.load_recipe({
-        "model": {"d_model": d, "layers": ["attention", "gated_deltanet"] * (n_layers // 2), "vocab_size": vocab,
-                  "mixers": {"attention": {"num_heads": max(2, d // 64), "num_kv_heads": max(1, d // 256),
-                                           "backend": backend},
-                             "gated_deltanet": {"num_heads": max(1, d // 128), "head_dim": min(128, d // 2),
-                                                "rule": rule}}},
-        "sleep": {"window": window, "loops": loops},
-    })
+    config = json.loads(open(published_config("ouro-1.4b")).read())
+    layers = [3, 7, 11, 15, 19, 23]
+    jet = {"rule": rule}
+    if dry_run:
+        config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=4, head_dim=16, vocab_size=256)
+        layers, jet = [1, 3], {"rule": rule, "num_heads": 2, "head_dim": 16}
     torch.manual_seed(0)
-    return sleepzoo.build_model(recipe).to(device=device, dtype=dtype)
+    with torch.device(device):
+        model = OuroLM.from_config(config, wake_passes=1, backend=backend,
+                                   sleep=SleepConfig(window=window, loops=loops))
+        model.configure(sleep_layers=layers, sleep_layer_options=jet)
+    return model.to(dtype=dtype), config["vocab_size"]
 
 
 def _time(fn, device, repeats: int) -> float:
@@ -262,12 +270,14 @@ def _time(fn, device, repeats: int) -> float:
 
 
 def check_throughput(device: torch.device, dry_run: bool, deadline: float) -> dict:
+    """Training and inference tokens/s against loops N for an Ouro-1.4B-sized model at T = 12k tokens with
+    window L in {1k, 2k, 4k} (the paper's Figure 6 set-up), bfloat16, the largest batch that fits."""
     if device.type != "cuda" and not dry_run:
         return {"status": "skipped", "reason": "no CUDA device"}
-    d, n_layers, T, vocab = (64, 2, 64, 128) if dry_run else (1024, 8, 4096, 32768)
-    windows, loops_list = ((16, 32), (1, 2, 4)) if dry_run else ((1024, 2048), (1, 2, 4))
+    T = 96 if dry_run else 12288
+    windows, loops_list = ((16, 32), (1, 2)) if dry_run else ((1024, 2048, 4096), (1, 2, 4))
     dtype = torch.float32 if dry_run else torch.bfloat16
-    first_batch, repeats = (2, 1) if dry_run else (8, 3)
+    first_batch, repeats = (2, 1) if dry_run else (4, 2)
     rule, backend, why = _choose_rule_and_backend(device)
     rows = []
     for window in windows:
@@ -278,54 +288,66 @@ def check_throughput(device: torch.device, dry_run: bool, deadline: float) -> di
                 rows.append({**row, "skipped": "time budget"})
                 continue
             try:
-                model = _build_hybrid(d, n_layers, vocab, window, loops, rule, backend, device, dtype)
-                while True:
-                    ids = torch.randint(0, vocab, (batch, T), device=device)
-
-                    def train_step():
-                        model.zero_grad(set_to_none=True)
-                        model(ids, ids, return_logits=False).loss.backward()
-
-                    def infer():
-                        with torch.no_grad():
-                            model(ids, return_logits=False)
-
-                    try:
-                        if device.type == "cuda":
-                            torch.cuda.reset_peak_memory_stats()
-                        train_s = _time(train_step, device, repeats)
-                        infer_s = _time(infer, device, repeats)
-                        break
-                    except torch.cuda.OutOfMemoryError:
-                        if batch == 1:
-                            raise
-                    # out of memory: free outside the except block (the traceback holds the activations)
-                    model.zero_grad(set_to_none=True)
-                    torch.cuda.empty_cache()
-                    batch //= 2
-                row.update(B=batch, train_step_s=train_s, train_tokens_per_s=batch * T / train_s,
-                           infer_s=infer_s, infer_tokens_per_s=batch * T / infer_s,
-                           peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
-                del model
+                row.update(_throughput_row(device, dry_run, window, loops, rule, backend, dtype, T, batch, repeats))
+                batch = row["B"]  # larger N needs at least as much memory: start the next row from here
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)
-    print(f"hybrid d={d} layers={n_layers} T={T} {str(dtype).removeprefix('torch.')} rule={rule} attention={backend}"
-          + (f"  (fallbacks: {why})" if why else ""))
-    print(f"{'L':>6}{'N':>3}{'B':>4}{'train tok/s':>14}{'infer tok/s':>14}{'step s':>9}{'peak GB':>9}")
+    print(f"Ouro-1.4B-sized, 6 Jet layers, wake_passes 1, T={T} {str(dtype).removeprefix('torch.')} rule={rule} "
+          f"attention={backend}" + (f"  (fallbacks: {why})" if why else ""))
+    print(f"{'L':>6}{'N':>3}{'B':>4}{'train tok/s':>14}{'infer tok/s':>14}{'step s':>9}{'vs N=1':>8}{'peak GB':>9}")
+    base = {}
     for r in rows:
         head = f"{r['L']:>6}{r['N']:>3}"
         if "error" in r or "skipped" in r:
             print(head + "  " + r.get("error", r.get("skipped")))
             continue
+        if r["N"] == 1:
+            base[r["L"]] = r["train_tokens_per_s"]
+        r["train_slowdown_vs_N1"] = base[r["L"]] / r["train_tokens_per_s"] if r["L"] in base else None
         peak = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
+        slow = "-" if r["train_slowdown_vs_N1"] is None else f"{r['train_slowdown_vs_N1']:.2f}x"
         print(head + f"{r['B']:>4}{r['train_tokens_per_s']:>14.0f}{r['infer_tokens_per_s']:>14.0f}"
-              f"{r['train_step_s']:>9.3f}{peak:>9}")
+              f"{r['train_step_s']:>9.3f}{slow:>8}{peak:>9}")
     status = "failed" if any("error" in r for r in rows) else "ok"
     return {"status": status, "rows": rows, "rule": rule, "backend": backend, "fallbacks": why,
-            "model": {"d_model": d, "layers": n_layers, "T": T, "vocab": vocab, "dtype": str(dtype)}}
+            "model": {"config": "ouro-1.4b", "sleep_layers": 6, "wake_passes": 1, "T": T, "dtype": str(dtype)}}
+
+
+def _throughput_row(device, dry_run: bool, window: int, loops: int, rule: str, backend: str, dtype, T: int,
+                    batch: int, repeats: int) -> dict:
+    """Time one (L, N): halve the batch on out-of-memory until it fits."""
+    model, vocab = _build_ouro(dry_run, window, loops, rule, backend, device, dtype)
+    model.train()
+    while True:
+        ids = torch.randint(0, vocab, (batch, T), device=device)
+
+        def train_step():
+            model.zero_grad(set_to_none=True)
+            model(ids, ids, checkpoint=True, return_logits=False).loss.backward()
+
+        def infer():
+            with torch.no_grad():
+                model(ids, return_logits=False)
+
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            train_s = _time(train_step, device, repeats)
+            infer_s = _time(infer, device, repeats)
+            break
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+        # out of memory: free outside the except block (the traceback holds the activations)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        batch //= 2
+    return {"B": batch, "train_step_s": train_s, "train_tokens_per_s": batch * T / train_s, "infer_s": infer_s,
+            "infer_tokens_per_s": batch * T / infer_s,
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,17 +1,14 @@
-"""Streaming inference: wake latency and memory against context length and loops (pytest-benchmark).
+"""Streaming inference: the memory a stream holds against the context streamed (pytest-benchmark).
 
-    make bench                                        # all suites
+    make bench                                        # every file in bench/
     .venv/bin/python -m pytest bench/test_bench_stream.py --benchmark-only -o addopts=""
-    .venv/bin/python bench/test_bench_stream.py       # plain table
 
-The claim under test: per-token decode time and memory do not grow with the context already streamed
-(bounded by the window L and the fast weights) and do not depend on loops, while a full-attention model's
-KV cache grows with the context. Ratios are taken against a baseline measured in the same run.
+The claim under test: the bytes held between tokens (caches, fast weights, pending wake features) do not grow
+with the context already streamed, while a full-attention model's KV cache does. Wake latency against
+context and loops is the ``wake`` suite of ``sleepzoo bench`` (bench/test_bench_suites.py).
 """
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
@@ -52,31 +49,6 @@ def stream_to(model, context: int, *, loops: int, window: int = WINDOW, eviction
     return stream
 
 
-@torch.no_grad()
-def decode_ms(stream, tokens: int = 64) -> float:
-    """Median milliseconds per decoded token (the stream sleeps whenever its window fills)."""
-    times = []
-    for _ in range(tokens):
-        t0 = time.perf_counter()
-        stream.feed(torch.randint(0, 256, (1, 1)))
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
-
-
-@pytest.mark.parametrize("loops", [1, 4], ids=lambda n: f"loops{n}")
-@pytest.mark.parametrize("context", [1024, 32768], ids=lambda n: f"ctx{n // 1024}k")
-def test_wake_latency(benchmark, context, loops):
-    torch.set_num_threads(1)
-    model = small_model()
-    stream = stream_to(model, context, loops=loops)
-    baseline = decode_ms(stream_to(model, 1024, loops=1))  # same run, same machine state
-    benchmark.pedantic(lambda: stream.feed(torch.randint(0, 256, (1, 1))), rounds=64, iterations=1)
-    ms = decode_ms(stream)
-    benchmark.extra_info.update(context=context, loops=loops, ms_per_token=ms, baseline_ms_1k_loops1=baseline,
-                                ratio_to_baseline=ms / baseline, state_bytes=state_bytes(stream))
-
-
 @pytest.mark.parametrize("eviction", ["full_flush", "sliding_window"])
 def test_memory_is_bounded_by_the_window(benchmark, eviction):
     torch.set_num_threads(1)
@@ -91,22 +63,3 @@ def test_memory_is_bounded_by_the_window(benchmark, eviction):
                                 full_attention_bytes_8k=grows_8k,
                                 full_attention_bytes_64k_extrapolated=grows_8k * 8)
     assert big <= 1.1 * small  # bounded: a property, not a timing
-
-
-def main() -> None:
-    torch.set_num_threads(1)
-    model = small_model()
-    print(f"{'context':>8} {'loops':>5} {'ms/token':>9} {'state KiB':>10}")
-    for loops in (1, 4):
-        for context in (1024, 8192, 32768):
-            stream = stream_to(model, context, loops=loops)
-            print(f"{context:>8} {loops:>5} {decode_ms(stream):>9.2f} {state_bytes(stream) / 1024:>10.1f}")
-    full = small_model(window=65536, layers=("attention",) * 4)
-    for context in (1024, 8192):
-        stream = stream_to(full, context, loops=1, window=65536)
-        print(f"{context:>8} {'full':>5} {decode_ms(stream):>9.2f} {state_bytes(stream) / 1024:>10.1f}"
-              f"  (full attention, no eviction)")
-
-
-if __name__ == "__main__":
-    main()

@@ -158,9 +158,16 @@ def test_cli_lists_cases():
     assert "wake::wake[N=4,ctx=65536]" in result.output and "wake::full_attention[ctx=65536]" in result.output
 
 
-def test_tables_have_a_row_per_case():
-    case = core.Case("loops", "window[N=1]", "grp", {"N": 1}, make=lambda: (lambda: None), tokens=10)
+def test_tables_have_a_row_per_case_with_names_intact():
+    from rich.console import Console
+
+    case = core.Case("wake", "full_attention[ctx=1024]", "grp", {"N": 1}, make=lambda: (lambda: None), tokens=10)
     result = core.Result(case, [0.01, 0.02, 0.03], core.case_info(case, 0.02, 0.02))
-    tables = output.results_tables([result], saved={"loops::window[N=1]": {"median": 0.01, "extra_info": {}}})
+    tables = output.results_tables([result], saved={"wake::full_attention[ctx=1024]": {"median": 0.01,
+                                                                                      "extra_info": {}}})
     assert len(tables) == 1 and tables[0].row_count == 1
+    console = Console(record=True, width=200)
+    console.print(tables[0])
+    text = console.export_text()
+    assert "full_attention[ctx=1024]" in text and "2.000x" in text  # not eaten as markup; now / saved
     assert result.extra_info["tokens_per_s"] == 500 and result.extra_info["ratio_to_baseline"] == 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from rich.markup import escape
 from rich.table import Table
 
 from .core import Result, quartiles
@@ -40,7 +41,7 @@ def results_tables(results: Sequence[Result], saved: dict[str, dict[str, Any]] |
             table.add_column("saved median ms", justify="right")
             table.add_column("now / saved", justify="right")
         for r in rows:
-            cells = [r.case.name]
+            cells = [escape(r.case.name)]
             if timed:
                 q1, q3 = quartiles(sorted(r.times)) if r.times else (0.0, 0.0)
                 iqr = q3 - q1
@@ -74,7 +75,7 @@ def checks_table(checks: Sequence[dict[str, Any]]) -> Table:
         table.add_column(col, justify="right" if col in ("measured",) else "left")
     for c in checks:
         ok = {True: "[green]yes[/green]", False: "[red]NO[/red]", None: ""}[c["ok"]]
-        table.add_row(c["check"], "" if c["value"] is None else f"{c['value']:.3f}", c["target"], ok, c["detail"])
+        table.add_row(escape(c["check"]), "" if c["value"] is None else f"{c['value']:.3f}", c["target"], ok, c["detail"])
     return table
 
 

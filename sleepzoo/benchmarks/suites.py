@@ -41,9 +41,9 @@ VOCAB = 256
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
         "ops": {"B": 2, "T": 2048, "H": 4, "K": 64, "V": 64, "rounds": 5, "recurrent_rounds": 2},
-        "loops": {"d": 256, "B": 2, "L": 256, "windows": 4, "loops": (1, 2, 4, 8), "rounds": 5},
+        "loops": {"d": 256, "B": 2, "L": 256, "windows": 4, "loops": (1, 2, 4, 8), "rounds": 7},
         "window": {"d": 256, "B": 1, "T": 2048, "windows": (128, 256, 512, 1024), "loops": (1, 2), "rounds": 3},
-        "wake": {"d": 256, "L": 256, "contexts": (1024, 4096, 16384, 65536), "loops": (1, 4), "tokens": 64},
+        "wake": {"d": 256, "L": 256, "contexts": (1024, 4096, 16384, 65536), "loops": (1, 4), "tokens": 96},
         "memory": {"d": 128, "B": 2, "L": 128, "windows": 8, "loops": (1, 2, 4, 8)},
     },
     "tiny": {
@@ -154,7 +154,25 @@ def _ops_cases(s: dict) -> list[Case]:
 
 def _loops_cases(s: dict) -> list[Case]:
     d, B, L, W = s["d"], s["B"], s["L"], s["windows"]
-    cases = []
+    group = f"loops: one consolidated window, fwd+bwd, B={B} L={L} d={d}"
+
+    def make_plain() -> Callable[[], None]:
+        """The same window without the engine: the model's modules called by hand (sleepzoo's overhead)."""
+        model = hybrid(d)
+        ids, tgt = _tokens(B, L)
+
+        def run() -> None:
+            model.zero_grad(set_to_none=True)
+            h, states = model.embed(ids), []
+            for block in model.layers:
+                h, state = block(h, None)
+                states.append(state)
+            loss = F.cross_entropy(model.head(h).flatten(0, 1), tgt.flatten(), reduction="sum")
+            (loss + _fast_weight_sum(states)).backward()
+        return run
+
+    cases = [Case("loops", "plain", group, {"N": 1, "B": B, "L": L, "d": d, "engine": False}, make=make_plain,
+                  tokens=B * L, baseline="plain", rounds=s["rounds"])]
     for N in s["loops"]:
         def make_window(N: int = N) -> Callable[[], None]:
             model = hybrid(d)
@@ -176,9 +194,8 @@ def _loops_cases(s: dict) -> list[Case]:
                 model(ids, tgt, window=L, loops=N, return_logits=False).loss.backward()
             return run
 
-        cases.append(Case("loops", f"window[N={N}]", f"loops: one consolidated window, fwd+bwd, B={B} L={L} d={d}",
-                          {"N": N, "B": B, "L": L, "d": d}, make=make_window, tokens=B * L,
-                          baseline=f"window[N={s['loops'][0]}]", rounds=s["rounds"]))
+        cases.append(Case("loops", f"window[N={N}]", group, {"N": N, "B": B, "L": L, "d": d}, make=make_window,
+                          tokens=B * L, baseline="plain", rounds=s["rounds"]))
         cases.append(Case("loops", f"step[N={N}]", f"loops: training step, fwd+bwd, B={B} T={W * L} L={L} d={d}",
                           {"N": N, "B": B, "T": W * L, "L": L, "d": d}, make=make_step, tokens=B * W * L,
                           baseline=f"step[N={s['loops'][0]}]", rounds=s["rounds"]))
@@ -283,9 +300,10 @@ def _wake_cases(s: dict) -> list[Case]:
                 engine.wake(model, token, states, None)
             return run
 
-        cases.append(Case("wake", f"full_attention[ctx={ctx}]", f"wake: decode one token, d={d}, L={L}",
+        # its own group: interleaved with the sleep cases, reading a 64k-token cache would evict theirs
+        cases.append(Case("wake", f"full_attention[ctx={ctx}]", f"wake: decode one token, full attention, d={d}",
                           {"method": "full_attention", "N": 1, "context": ctx}, make=make_full, tokens=1,
-                          baseline=first, rounds=s["tokens"], warmup=2))
+                          baseline=f"full_attention[ctx={s['contexts'][0]}]", rounds=s["tokens"], warmup=2))
     return cases
 
 
@@ -348,6 +366,10 @@ def checks(results: list[Result]) -> list[dict[str, Any]]:
     windows = sorted((r.case.params["N"], r.median) for r in results
                      if r.case.suite == "loops" and r.case.name.startswith("window["))
     base = dict(windows).get(1)
+    if base and med.get("loops::plain"):
+        ratio = base / med["loops::plain"]
+        out.append(_check("loops: engine window N=1 / the same modules called by hand", ratio, "about 1",
+                          None, f"{100 * (ratio - 1):+.1f} % overhead"))
     for N, t in windows:
         if N > 1 and base:
             ratio = t / base
