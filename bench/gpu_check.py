@@ -295,7 +295,7 @@ def check_throughput(device: torch.device, dry_run: bool, deadline: float) -> di
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)
-    print(f"Ouro-1.4B-sized, 6 Jet layers, wake_passes 1, T={T} {str(dtype).removeprefix('torch.')} rule={rule} "
+    print(f"Ouro-1.4B-sized{' (dry run: tiny)' if dry_run else ''}, retrofit Jet layers, wake_passes 1, T={T} {str(dtype).removeprefix('torch.')} rule={rule} "
           f"attention={backend}" + (f"  (fallbacks: {why})" if why else ""))
     print(f"{'L':>6}{'N':>3}{'B':>4}{'train tok/s':>14}{'infer tok/s':>14}{'step s':>9}{'vs N=1':>8}{'peak GB':>9}")
     base = {}
