@@ -46,14 +46,11 @@ def run(suites: Sequence[str] = SUITES, *, size: str = "default",
 
 
 def _groups(found: list[Case]) -> list[list[Case]]:
-    """Consecutive cases of the same group."""
-    groups: list[list[Case]] = []
+    """The cases of each group, groups in order of first appearance."""
+    groups: dict[str, list[Case]] = {}
     for case in found:
-        if groups and groups[-1][0].group == case.group:
-            groups[-1].append(case)
-        else:
-            groups.append([case])
-    return groups
+        groups.setdefault(case.group, []).append(case)
+    return list(groups.values())
 
 
 def write_json(results: list[Result], path: str | Path, suites: Sequence[str]) -> Path:
