@@ -104,7 +104,7 @@ def plot(results: Sequence[Result], path: str | Path, *, title: str | None = Non
 
 
 def _plot_loops(ax, rows: Sequence[Result]) -> None:
-    for prefix, label in (("window[", "one consolidated window"), ("step[", "training step")):
+    for prefix, label in (("window[", "one consolidated window"), ("step[", "training step (last window not slept)")):
         pts = sorted((r.case.params["N"], r.median) for r in rows if r.case.name.startswith(prefix))
         if not pts:
             continue
@@ -126,6 +126,7 @@ def _plot_window(ax, rows: Sequence[Result]) -> None:
         pts.sort()
         ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=label)
     ax.set(xscale="log", xlabel="window L (tokens)", ylabel="training tokens/s", title="throughput against window")
+    _plain_ticks(ax.xaxis, sorted({r.case.params["L"] for r in rows}))
     ax.legend(fontsize=8)
 
 
@@ -140,11 +141,25 @@ def _plot_wake(ax, rows: Sequence[Result]) -> None:
         ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=label)
     ax.set(xscale="log", yscale="log", xlabel="context streamed (tokens)", ylabel="ms per decoded token",
            title="wake latency against context")
+    _plain_ticks(ax.xaxis, sorted({r.case.params["context"] for r in rows}))
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=8)
 
 
+def _plain_ticks(axis, values: Sequence[int]) -> None:
+    """Ticks at ``values`` only, written as numbers (1k for 1024 and up), on a log axis."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    axis.set_major_locator(FixedLocator(values))
+    axis.set_minor_locator(NullLocator())
+    axis.set_ticklabels([f"{v // 1024}k" if v >= 1024 else str(v) for v in values])
+
+
 def _plot_memory(ax, rows: Sequence[Result]) -> None:
-    for ckpt, label in ((False, "no checkpointing"), (True, "checkpoint per window")):
+    for ckpt, label in ((False, "no checkpointing"), (True, "checkpointing per pass")):
         pts = sorted((r.case.params["N"], r.extra_info["peak_bytes"] / 2 ** 20) for r in rows
                      if r.case.params["checkpoint"] == ckpt)
         if pts:
