@@ -10,7 +10,7 @@
 ``wake``    per-token decode time against the context already streamed (1k ... 64k tokens) and loops,
             against a full-attention model of the same size whose KV cache holds the whole context
 ``memory``  peak training memory (tensors created by a forward+backward) against N, with and without
-            activation checkpointing per window
+            activation checkpointing per pass
 ==========  ==================================================================================================
 
 Every suite is a list of :class:`~sleepzoo.benchmarks.core.Case`; :func:`checks` turns a run's results into
