@@ -18,6 +18,9 @@ Sections, each run in its own try/except and reported whatever happens (``status
   (halved on OOM), and the training slowdown against N = 1. It uses the fla rule and flash-attn where they
   run, else the torch rule and sdpa (recorded in each row).
 
+* ``bench``: the ``sleepzoo bench`` suites (ops, loops, window, wake, memory) with ``--device cuda``: the same
+  cases and acceptance checks as on the CPU, float32.
+
 The plugins are imported from ``plugins/`` when they are not installed. A time budget (``--budget-s``) skips
 what would not finish. Results: a printed table per section and JSON at ``--out``.
 """
@@ -41,7 +44,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGINS = {"sleepzoo_fla": "sleepzoo-fla", "sleepzoo_flash_attn": "sleepzoo-flash-attn",
            "sleepzoo_xformers": "sleepzoo-xformers"}
-SECTIONS = ("fla", "attention", "throughput")
+SECTIONS = ("fla", "attention", "throughput", "bench")
 
 
 def import_plugin(module: str):
@@ -351,6 +354,31 @@ def _throughput_row(device, dry_run: bool, window: int, loops: int, rule: str, b
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# (d) the `sleepzoo bench` suites on the GPU
+
+
+def check_bench(device: torch.device, dry_run: bool, deadline: float) -> dict:
+    """``sleepzoo bench --device cuda``: the CPU suites' cases and acceptance checks on the GPU (float32)."""
+    from sleepzoo import benchmarks
+
+    rows, done = [], []
+    for suite in benchmarks.SUITES:
+        if time.monotonic() > deadline:
+            rows.append({"suite": suite, "skipped": "time budget"})
+            continue
+        for r in benchmarks.run([suite], size="tiny" if dry_run else "default", device=str(device)):
+            done.append(r)
+            rows.append({"case": r.case.fullname, "median_ms": None if r.median is None else r.median * 1e3,
+                         **r.extra_info})
+    found = benchmarks.checks(done)
+    for row in rows:
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+    for c in found:
+        print(f"{c['check']:<60} {c['value']!s:>10} {c['target']:<20} {c['ok']}")
+    return {"status": "ok", "rows": rows, "checks": found}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
     report = {"environment": environment(), "dry_run": args.dry_run, "device": str(device), "sections": {}}
     print(json.dumps(report["environment"]))
-    checks = {"fla": check_fla, "attention": check_attention, "throughput": check_throughput}
+    checks = {"fla": check_fla, "attention": check_attention, "throughput": check_throughput, "bench": check_bench}
     for name in args.only:
         print(f"\n== {name} ==")
         t0 = time.monotonic()

@@ -624,9 +624,10 @@ def sweep_command(recipe: str, grid: tuple[str, ...], out_dir: str, jobs: int, d
 @click.option("--size", type=click.Choice(["default", "tiny"]), default="default", show_default=True,
               help="tiny: toy sizes that only check the machinery.")
 @click.option("--threads", type=int, default=None, help="torch.set_num_threads for the run (default: torch's).")
+@click.option("--device", default="cpu", show_default=True, help="Where the models run: cpu, cuda, cuda:1, ...")
 @click.option("--list", "list_cases", is_flag=True, help="List the cases of the suites and exit.")
 def bench_command(suites: tuple[str, ...], json_path: str | None, plot_path: str | None, compare_path: str | None,
-                  size: str, threads: int | None, list_cases: bool) -> None:
+                  size: str, threads: int | None, device: str, list_cases: bool) -> None:
     """Measure the cost of sleep on this machine. SUITES: ops, loops, window, wake, memory (default: all).
 
     \b
@@ -646,13 +647,21 @@ def bench_command(suites: tuple[str, ...], json_path: str | None, plot_path: str
         if threads < 1:
             raise SleepzooError(f"--threads {threads} must be >= 1")
         torch.set_num_threads(threads)
+    try:
+        where = torch.device(device)
+    except RuntimeError as exc:
+        raise SleepzooError(f"--device {device!r} is not a torch device ({exc}); use cpu, cuda or cuda:N") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise SleepzooError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
+    if where.type not in ("cpu", "cuda"):
+        raise SleepzooError(f"--device {device}: the suites run on cpu or cuda")
     console = Console() if sys.stdout.isatty() else Console(width=160)  # a log keeps whole rows
     if list_cases:
         for s in chosen:
-            for case in benchmarks.cases(s, size):
+            for case in benchmarks.cases(s, size, device):
                 console.print(f"{case.fullname:<40} {case.group}", markup=False, highlight=False)
         return
-    total = sum(len(benchmarks.cases(s, size)) for s in chosen)
+    total = sum(len(benchmarks.cases(s, size, device)) for s in chosen)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     started = time.perf_counter()
@@ -670,14 +679,14 @@ def bench_command(suites: tuple[str, ...], json_path: str | None, plot_path: str
                     ms = "" if result.median is None else f" {result.median * 1e3:.2f} ms"
                     click.echo(f"done {case.fullname}{ms}", err=True)
 
-        results = benchmarks.run(chosen, size=size, on_case=on_case)
+        results = benchmarks.run(chosen, size=size, device=device, on_case=on_case)
     elapsed = time.perf_counter() - started
     for table in output.results_tables(results, saved):
         console.print(table)
     found = benchmarks.checks(results)
     if found:
         console.print(output.checks_table(found))
-    console.print(f"{len(results)} cases in {elapsed:.0f} s, torch {torch.__version__}, "
+    console.print(f"{len(results)} cases in {elapsed:.0f} s on {device}, torch {torch.__version__}, "
                   f"{torch.get_num_threads()} threads", markup=False, highlight=False)
     if json_path:
         console.print(f"wrote {benchmarks.write_json(results, json_path, chosen)}", markup=False, highlight=False)

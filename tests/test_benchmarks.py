@@ -113,7 +113,7 @@ def test_cli_runs_every_suite_and_writes_pytest_benchmark_json(tiny_run):
             assert stats["rounds"] == len(stats["data"]) and stats["min"] <= stats["median"] <= stats["max"]
     memory = [b for b in data["benchmarks"] if b["fullname"].startswith("memory::")]
     assert all(b["extra_info"]["peak_bytes"] > 0 for b in memory)
-    assert data["sleepzoo"]["checks"]
+    assert data["sleepzoo"]["checks"] and data["sleepzoo"]["devices"] == ["cpu"]
     assert (out / "b.png").stat().st_size > 10_000
 
 
@@ -150,6 +150,16 @@ def test_cli_errors_name_the_problem(tmp_path):
     bad.write_text('{"x": 1}')
     result = runner.invoke(main, ["bench", "--compare", str(bad)])
     assert result.exit_code == 2 and "no 'benchmarks' list" in result.output
+
+
+def test_cli_device_errors_are_clear():
+    runner = CliRunner()
+    result = runner.invoke(main, ["bench", "ops", "--device", "gpu0"])
+    assert result.exit_code == 2 and "--device 'gpu0' is not a torch device" in result.output
+    if not torch.cuda.is_available():
+        result = runner.invoke(main, ["bench", "ops", "--device", "cuda"])
+        assert result.exit_code == 2 and "sees no CUDA device" in result.output
+    assert {c.device for c in benchmarks.cases("wake", "tiny", "cpu")} == {"cpu"}
 
 
 def test_cli_lists_cases():

@@ -24,13 +24,14 @@ __all__ = ["Case", "Result", "SUITES", "case_info", "cases", "checks", "load_jso
            "run_case", "run_group", "saved_medians", "time_case", "time_interleaved", "to_json", "write_json"]
 
 
-def run(suites: Sequence[str] = SUITES, *, size: str = "default",
+def run(suites: Sequence[str] = SUITES, *, size: str = "default", device: str = "cpu",
         on_case: Callable[[Case, Result | None], None] | None = None) -> list[Result]:
-    """Run ``suites`` in order; ``on_case(case, None)`` before and ``on_case(case, result)`` after each case."""
+    """Run ``suites`` in order on ``device``; ``on_case(case, None)`` before and ``on_case(case, result)`` after
+    each case."""
     results: list[Result] = []
     for suite in suites:
         medians: dict[str, float] = {}
-        for group in _groups(cases(suite, size)):
+        for group in _groups(cases(suite, size, device)):
             if on_case:
                 for case in group:
                     on_case(case, None)

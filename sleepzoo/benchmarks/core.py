@@ -45,6 +45,7 @@ class Case:
     rounds: int = 5
     warmup: int = 1
     info: dict[str, Any] = field(default_factory=dict)  # static facts recorded with the result (FLOPs, sizes)
+    device: str = "cpu"  # where it runs: CUDA work is synchronised before a timing ends
 
     @property
     def fullname(self) -> str:
@@ -66,28 +67,26 @@ class Result:
 
 def time_case(case: Case) -> list[float]:
     """Seconds per call of ``case.make()``'s callable: ``warmup`` untimed calls, then ``rounds`` timed ones."""
-    fn = case.make()
-    for _ in range(case.warmup):
-        fn()
-    times = []
-    gc_was = gc.isenabled()
-    gc.disable()  # as pytest-benchmark's --benchmark-disable-gc: no collection inside a timed call
-    try:
-        for _ in range(case.rounds):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    finally:
-        if gc_was:
-            gc.enable()
-    return times
+    return time_interleaved([case])[0]
+
+
+def _synchronized(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    """``fn`` that returns only when the device's queued work has finished (CUDA runs asynchronously)."""
+    if not device.startswith("cuda"):
+        return fn
+
+    def run() -> Any:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+    return run
 
 
 def time_interleaved(cases: list[Case]) -> list[list[float]]:
     """Seconds per call of each case, measured round-robin (round r of every case before round r + 1 of any),
     so that a slow drift of the machine (another process, frequency scaling) affects every case of a
     comparison alike instead of whichever ran during it. Cases with fewer rounds drop out early."""
-    fns = [case.make() for case in cases]
+    fns = [_synchronized(case.make(), case.device) for case in cases]
     for case, fn in zip(cases, fns):
         for _ in range(case.warmup):
             fn()
@@ -184,16 +183,18 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def peak_bytes(fn: Callable[[], Any]) -> int:
-    """Peak bytes of the tensors ``fn`` creates (see :class:`PeakMemory`); on CUDA, the allocator's peak."""
+def peak_bytes(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
+    """Peak bytes of the tensors ``fn`` creates (see :class:`PeakMemory`); on CUDA, the allocator's peak above
+    what was allocated before."""
     gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
         fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
     tracker = PeakMemory()
     with tracker:
         fn()
@@ -204,19 +205,24 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
 # the machine
 
 
-def matmul_rate(n: int = 1024, dtype: torch.dtype = torch.float32, device: str = "cpu", seconds: float = 0.5) -> float:
+def matmul_rate(n: int | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                seconds: float = 0.5) -> float:
     """FLOP/s of an ``n x n @ n x n`` matmul on this machine, now (median over ~``seconds``): the yardstick
-    that op throughputs are stated against."""
+    that op throughputs are stated against. ``n`` defaults to 1024 on a CPU, 8192 on a GPU."""
+    cuda = torch.device(device).type == "cuda"
+    n = n or (8192 if cuda else 1024)
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    if cuda:
+        torch.cuda.synchronize(device)
     times = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(times) < 3:
         t0 = time.perf_counter()
         a @ b
-        if device != "cpu":
-            torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / statistics.median(times)
 
@@ -319,7 +325,8 @@ def to_json(results: list[Result], checks: list[dict[str, Any]], *, suites: list
         benchmarks.append(entry)
     return {"machine_info": machine_info(), "commit_info": commit_info(), "benchmarks": benchmarks,
             "datetime": _dt.datetime.now(_dt.timezone.utc).isoformat(), "version": _pytest_benchmark_version(),
-            "sleepzoo": {"suites": suites, "checks": checks}}
+            "sleepzoo": {"suites": suites, "checks": checks,
+                         "devices": sorted({r.case.device for r in results})}}
 
 
 def _pytest_benchmark_version() -> str:

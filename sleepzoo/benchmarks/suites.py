@@ -58,7 +58,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def hybrid(d_model: int, *, layers: tuple[str, ...] = HYBRID, attention_window: int | None = None,
-           seed: int = 0) -> Any:
+           seed: int = 0, device: str | torch.device = "cpu") -> Any:
     """The benchmarks' model: ``layers`` of width ``d_model`` (heads of 64, or d/4 when smaller), SwiGLU
     MLPs, vocabulary 256, in train mode."""
     torch.manual_seed(seed)
@@ -70,12 +70,13 @@ def hybrid(d_model: int, *, layers: tuple[str, ...] = HYBRID, attention_window: 
     recipe = load_recipe({"model": {"d_model": d_model, "layers": list(layers), "vocab_size": VOCAB,
                                     "mixers": {"attention": attention,
                                                "gated_deltanet": {"num_heads": heads, "head_dim": head_dim}}}})
-    return build_model(recipe).train()
+    return build_model(recipe).to(device).train()
 
 
-def _tokens(B: int, T: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (B, T), generator=gen), torch.randint(0, VOCAB, (B, T), generator=gen)
+def _tokens(B: int, T: int, seed: int = 0, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same tokens on every device
+    ids, tgt = torch.randint(0, VOCAB, (B, T), generator=gen), torch.randint(0, VOCAB, (B, T), generator=gen)
+    return ids.to(device), tgt.to(device)
 
 
 def _fast_weight_sum(states: list) -> torch.Tensor | int:
@@ -101,7 +102,7 @@ def chunked_flops(B: int, T: int, H: int, K: int, V: int, C: int = 64) -> int:
 def _ops_cases(s: dict) -> list[Case]:
     from ..ops import gated_delta_rule, gated_delta_rule_recurrent
 
-    B, T, H, K, V = s["B"], s["T"], s["H"], s["K"], s["V"]
+    B, T, H, K, V, dev = s["B"], s["T"], s["H"], s["K"], s["V"], s["device"]
     shape = {"B": B, "T": T, "H": H, "K": K, "V": V}
 
     def make_inputs() -> dict[str, torch.Tensor]:
@@ -114,7 +115,7 @@ def _ops_cases(s: dict) -> list[Case]:
 
     def fwd_bwd(op: Callable) -> Callable[[], Callable[[], None]]:
         def make() -> Callable[[], None]:
-            leaves = {n: x.requires_grad_() for n, x in make_inputs().items()}
+            leaves = {n: x.to(dev).requires_grad_() for n, x in make_inputs().items()}
 
             def run() -> None:
                 for x in leaves.values():
@@ -144,8 +145,8 @@ def _ops_cases(s: dict) -> list[Case]:
     if fla_reference.naive_chunk_gated_delta_rule is not None:
         cases.append(Case("ops", "fla_naive_chunk", group, {"op": "fla_naive_chunk", **shape},
                           make=fwd_bwd(fla_naive), tokens=B * T, baseline="chunked", rounds=s["rounds"]))
-    cases.append(Case("ops", "matmul_rate", "ops: this machine's float32 matmul rate", {"n": 1024},
-                      measure=lambda: {"gflops_per_s": round(matmul_rate(1024) / 1e9, 2)}))
+    cases.append(Case("ops", "matmul_rate", "ops: this machine's float32 matmul rate", {},
+                      measure=lambda: {"gflops_per_s": round(matmul_rate(device=str(dev)) / 1e9, 2)}))
     return cases
 
 
@@ -154,15 +155,15 @@ def _ops_cases(s: dict) -> list[Case]:
 
 
 def _loops_cases(s: dict) -> list[Case]:
-    d, B, L, W = s["d"], s["B"], s["L"], s["windows"]
+    d, B, L, W, dev = s["d"], s["B"], s["L"], s["windows"], s["device"]
     group = f"loops: one consolidated window, fwd+bwd, B={B} L={L} d={d}"
 
     def window_and_state() -> tuple[Any, torch.Tensor, torch.Tensor, list]:
         """The model, a window of tokens, and the state a window in the middle of a sequence starts from: the
         fast weights left by an earlier window (evicted as full_flush does; no gradient into them)."""
-        model = hybrid(d)
-        ids, tgt = _tokens(B, L)
-        earlier, _ = _tokens(B, L, seed=1)
+        model = hybrid(d, device=dev)
+        ids, tgt = _tokens(B, L, device=dev)
+        earlier, _ = _tokens(B, L, seed=1, device=dev)
         with torch.no_grad():
             _, _, states = engine._chunk(model, earlier, None, [None] * len(model.layers), 1, False, None)
         states = engine.resolve_eviction("full_flush", L).evict(states, model.mixers())
@@ -199,8 +200,8 @@ def _loops_cases(s: dict) -> list[Case]:
             return run
 
         def make_step(N: int = N) -> Callable[[], None]:
-            model = hybrid(d)
-            ids, tgt = _tokens(B, W * L)
+            model = hybrid(d, device=dev)
+            ids, tgt = _tokens(B, W * L, device=dev)
 
             def run() -> None:
                 model.zero_grad(set_to_none=True)
@@ -220,14 +221,14 @@ def _loops_cases(s: dict) -> list[Case]:
 
 
 def _window_cases(s: dict) -> list[Case]:
-    d, B, T = s["d"], s["B"], s["T"]
+    d, B, T, dev = s["d"], s["B"], s["T"], s["device"]
     cases = []
     for L in s["windows"]:
         group = f"window: L={L}, T={T}, B={B}, d={d}, fwd+bwd"
 
         def make_swa(L: int = L) -> Callable[[], None]:
-            model = hybrid(d, attention_window=L)  # same weights as the sleep model (same seed)
-            ids, tgt = _tokens(B, T)
+            model = hybrid(d, attention_window=L, device=dev)  # same weights as the sleep model (same seed)
+            ids, tgt = _tokens(B, T, device=dev)
 
             def run() -> None:
                 model.zero_grad(set_to_none=True)
@@ -238,8 +239,8 @@ def _window_cases(s: dict) -> list[Case]:
                           make=make_swa, tokens=B * T, baseline=f"swa[L={L}]", rounds=s["rounds"]))
         for N in s["loops"]:
             def make_sleep(L: int = L, N: int = N) -> Callable[[], None]:
-                model = hybrid(d)
-                ids, tgt = _tokens(B, T)
+                model = hybrid(d, device=dev)
+                ids, tgt = _tokens(B, T, device=dev)
 
                 def run() -> None:
                     model.zero_grad(set_to_none=True)
@@ -259,8 +260,9 @@ class _GrowingStream:
     """One stream per loop count, fed up to each context in turn (64k tokens are prefilled once); every case
     decodes on its own fork of it at its context."""
 
-    def __init__(self, d: int, L: int, loops: int):
-        self.model = hybrid(d).eval()
+    def __init__(self, d: int, L: int, loops: int, device: str | torch.device = "cpu"):
+        self.model = hybrid(d, device=device).eval()
+        self.device = device
         self.stream = self.model.start_stream(window=L, loops=loops)
         self.gen = torch.Generator().manual_seed(0)
         self.L = L
@@ -269,12 +271,12 @@ class _GrowingStream:
     def fork_at(self, context: int) -> engine.Stream:
         while self.stream.tokens < context:
             take = min(self.L - self.stream.filled or self.L, context - self.stream.tokens)
-            self.stream.feed(torch.randint(0, VOCAB, (1, take), generator=self.gen))
+            self.stream.feed(torch.randint(0, VOCAB, (1, take), generator=self.gen).to(self.device))
         return self.stream.fork()
 
 
 def _wake_cases(s: dict) -> list[Case]:
-    d, L = s["d"], s["L"]
+    d, L, dev = s["d"], s["L"], s["device"]
     streams: dict[int, _GrowingStream] = {}
     full_model: list = []
     cases = []
@@ -283,9 +285,9 @@ def _wake_cases(s: dict) -> list[Case]:
         for ctx in s["contexts"]:
             def make(N: int = N, ctx: int = ctx) -> Callable[[], None]:
                 if N not in streams:
-                    streams[N] = _GrowingStream(d, L, N)
+                    streams[N] = _GrowingStream(d, L, N, dev)
                 stream = streams[N].fork_at(ctx)
-                token = torch.zeros(1, 1, dtype=torch.long)
+                token = torch.zeros(1, 1, dtype=torch.long, device=dev)
 
                 @torch.no_grad()
                 def run() -> None:  # the stream sleeps when its window fills: the median is the wake pass
@@ -298,15 +300,15 @@ def _wake_cases(s: dict) -> list[Case]:
     for ctx in s["contexts"]:
         def make_full(ctx: int = ctx) -> Callable[[], None]:
             if not full_model:
-                full_model.append(hybrid(d, layers=("attention",) * len(HYBRID)).eval())
+                full_model.append(hybrid(d, layers=("attention",) * len(HYBRID), device=dev).eval())
             model = full_model[0]
             gen = torch.Generator().manual_seed(0)
             # A KV cache of ``ctx`` tokens: decode time depends on its size, not its values, and prefilling
             # 64k tokens of full attention would take this CPU minutes.
-            states = [{"k": torch.randn(1, m.num_kv_heads, ctx, m.head_dim, generator=gen),
-                       "v": torch.randn(1, m.num_kv_heads, ctx, m.head_dim, generator=gen), "offset": ctx}
+            states = [{"k": torch.randn(1, m.num_kv_heads, ctx, m.head_dim, generator=gen).to(dev),
+                       "v": torch.randn(1, m.num_kv_heads, ctx, m.head_dim, generator=gen).to(dev), "offset": ctx}
                       for m in model.mixers()]
-            token = torch.zeros(1, 1, dtype=torch.long)
+            token = torch.zeros(1, 1, dtype=torch.long, device=dev)
 
             @torch.no_grad()
             def run() -> None:
@@ -325,18 +327,18 @@ def _wake_cases(s: dict) -> list[Case]:
 
 
 def _memory_cases(s: dict) -> list[Case]:
-    d, B, L, W = s["d"], s["B"], s["L"], s["windows"]
+    d, B, L, W, dev = s["d"], s["B"], s["L"], s["windows"], s["device"]
     cases = []
     for ckpt in (False, True):
         for N in s["loops"]:
             def measure(N: int = N, ckpt: bool = ckpt) -> dict[str, Any]:
-                model = hybrid(d)
-                ids, tgt = _tokens(B, W * L)
+                model = hybrid(d, device=dev)
+                ids, tgt = _tokens(B, W * L, device=dev)
                 params = sum(p.numel() * p.element_size() for p in model.parameters())
 
                 def step() -> None:
                     model(ids, tgt, window=L, loops=N, checkpoint=ckpt, return_logits=False).loss.backward()
-                return {"peak_bytes": peak_bytes(step), "parameter_bytes": params}
+                return {"peak_bytes": peak_bytes(step, dev), "parameter_bytes": params}
 
             tag = "on" if ckpt else "off"
             cases.append(Case("memory", f"memory[N={N},checkpoint={tag}]",
@@ -350,13 +352,16 @@ BUILDERS: dict[str, Callable[[dict], list[Case]]] = {
     "memory": _memory_cases}
 
 
-def cases(suite: str, size: str = "default") -> list[Case]:
-    """The cases of ``suite`` at ``size`` ("default" or "tiny"), in the order they run."""
+def cases(suite: str, size: str = "default", device: str | torch.device = "cpu") -> list[Case]:
+    """The cases of ``suite`` at ``size`` ("default" or "tiny") on ``device``, in the order they run."""
     if suite not in BUILDERS:
         raise SleepzooError(f"unknown benchmark suite {suite!r}; suites: {', '.join(SUITES)}")
     if size not in SIZES:
         raise SleepzooError(f"unknown benchmark size {size!r}; sizes: {', '.join(SIZES)}")
-    return BUILDERS[suite](SIZES[size][suite])
+    found = BUILDERS[suite]({**SIZES[size][suite], "device": torch.device(device)})
+    for case in found:
+        case.device = str(torch.device(device))
+    return found
 
 
 # ----------------------------------------------------------------------------------------------------------------
