@@ -160,14 +160,15 @@ def _loops_cases(s: dict) -> list[Case]:
 
     def window_and_state() -> tuple[Any, torch.Tensor, torch.Tensor, list]:
         """The model, a window of tokens, and the state a window in the middle of a sequence starts from: the
-        fast weights left by an earlier window (evicted as full_flush does; no gradient into them)."""
+        fast weights left by an earlier window (evicted as full_flush does), which the backward pass reaches
+        into as under full BPTT (they are leaves that require grad)."""
         model = hybrid(d, device=dev)
         ids, tgt = _tokens(B, L, device=dev)
         earlier, _ = _tokens(B, L, seed=1, device=dev)
         with torch.no_grad():
             _, _, states = engine._chunk(model, earlier, None, [None] * len(model.layers), 1, False, None)
         states = engine.resolve_eviction("full_flush", L).evict(states, model.mixers())
-        for state in states:  # as under full BPTT, the backward pass reaches into the earlier window's state
+        for state in states:
             for value in (state or {}).values():
                 if isinstance(value, torch.Tensor):
                     value.requires_grad_()
