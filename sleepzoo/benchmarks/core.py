@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -242,8 +243,6 @@ def machine_info() -> dict[str, Any]:
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 from rich.markup import escape
 from rich.table import Table
 
+from ..report import _pyplot, _save
 from .core import Result, quartiles
 
 
@@ -82,11 +83,7 @@ def checks_table(checks: Sequence[dict[str, Any]]) -> Table:
 def plot(results: Sequence[Result], path: str | Path, *, title: str | None = None) -> Path:
     """One panel per suite run: time against N (with the ideal N x line), tokens/s against L, ms/token against
     context, peak memory against N, op speeds. Returns the path written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     suites = [s for s in ("loops", "window", "wake", "memory", "ops") if any(r.case.suite == s for r in results)]
     fig, axes = plt.subplots(1, len(suites), figsize=(4.6 * len(suites), 3.8), squeeze=False)
     for ax, suite in zip(axes[0], suites):
@@ -95,12 +92,7 @@ def plot(results: Sequence[Result], path: str | Path, *, title: str | None = Non
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _plot_loops(ax, rows: Sequence[Result]) -> None:
