@@ -83,5 +83,7 @@ def build_model(recipe: Recipe, *, vocab_size: int | None = None) -> Any:
         if str(exc).startswith(recipe.source):
             raise
         raise RecipeError(f"{recipe.source}: {exc}") from None
+    if recipe.sleep.gate or any(stage.sleep.get("gate") for stage in recipe.stages):
+        model.add_sleep_gate()
     model.recipe = recipe
     return model

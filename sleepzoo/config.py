@@ -86,6 +86,10 @@ class SleepConfig:
     eviction: str = "full_flush"  # what survives a sleep (kind `eviction`): full_flush, sliding_window
     sleep_every: int | None = None  # sliding_window: new tokens between sleeps (default: the window)
     checkpoint: bool = False  # activation checkpointing per pass over a window (recompute in backward)
+    # Stabilisers of sleep (the paper's future work; see sleepzoo.engine.consolidate):
+    gate: bool = False  # carry S_wake + g (S_sleep - S_wake), g a learned scalar per looped layer, from 0
+    pass_norm: bool = False  # the model's final norm on the features between passes (as Ouro between loops)
+    truncate: int | None = None  # fast weights are detached after every K-th window (null: full BPTT)
 
 
 @dataclass
@@ -397,6 +401,8 @@ def _check_values(r: Recipe, where: str) -> None:
     need(r.sleep.sleep_every in (None, r.sleep.window) or r.sleep.eviction != "full_flush", "sleep.sleep_every",
          r.sleep.sleep_every, "full_flush sleeps on whole windows; use eviction: sliding_window to sleep more often")
     need(r.sleep.loops >= 1, "sleep.loops", r.sleep.loops, "loops must be >= 1 (1 = no sleep, the plain hybrid)")
+    need(r.sleep.truncate is None or r.sleep.truncate >= 1, "sleep.truncate", r.sleep.truncate,
+         "give a number of windows >= 1 after which fast weights pass no gradient, or null for full BPTT")
     need(r.model.d_model >= 1, "model.d_model", r.model.d_model, "must be >= 1")
     need(len(r.model.layers) >= 1, "model.layers", r.model.layers, "give at least one mixer name")
     need(r.train.steps >= 0, "train.steps", r.train.steps, "must be >= 0")

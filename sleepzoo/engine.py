@@ -67,6 +67,23 @@ def check_sleep_args(window: Any, loops: Any) -> None:
             raise SleepzooError(f"{name}={value!r} is invalid: it must be an integer >= 1 ({hint})")
 
 
+def check_stabilisers(model: Any, gate: Any, pass_norm: Any, truncate: Any) -> dict:
+    """Validate ``gate``, ``pass_norm`` and ``truncate``; return the keyword arguments of :func:`consolidate`."""
+    for name, value in (("gate", gate), ("pass_norm", pass_norm)):
+        if not isinstance(value, bool):
+            raise SleepzooError(f"sleep.{name}={value!r} is invalid: it must be true or false")
+    if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 1):
+        raise SleepzooError(f"sleep.truncate={truncate!r} is invalid: give a number of windows >= 1, or null for "
+                            f"full BPTT")
+    if gate and getattr(model, "sleep_gate", None) is None:
+        raise SleepzooError("sleep.gate=true but the model has no sleep gate: build it with sleep.gate: true in "
+                            "its recipe (sleepzoo.build_model), or call model.add_sleep_gate() before training")
+    if pass_norm and (not hasattr(model, "final_norm") or model.final_norm() is None):
+        raise SleepzooError(f"sleep.pass_norm=true but {type(model).__name__} has no final norm to apply "
+                            f"between passes")
+    return {"gate": gate, "pass_norm": pass_norm}
+
+
 def resolve_eviction(eviction: Any, window: int, sleep_every: int | None = None) -> Any:
     """An eviction policy for ``window`` from a name (kind ``eviction``), or an already built policy."""
     if isinstance(eviction, str):
@@ -101,13 +118,20 @@ def wake(model: "SleepModel", ids: Tensor, states: Sequence[Any], span: int | No
 
 
 def consolidate(model: "SleepModel", feats: Tensor, states: Sequence[Any], start_states: Sequence[Any],
-                passes: int, span: int | None, checkpoint: bool = False) -> list:
+                passes: int, span: int | None, checkpoint: bool = False, *, gate: bool = False,
+                pass_norm: bool = False) -> list:
     """Sleep: passes 2..``passes`` of the looped blocks over a chunk whose wake pass produced ``feats``.
 
     Each pass reads the context the wake pass read (the caches of ``start_states``, from before the chunk)
     and continues the fast weights of the previous pass; the returned states keep the wake pass's caches.
     With ``checkpoint`` each pass keeps only its inputs for the backward pass and is recomputed there, so
     the memory of a chunk's backward holds one pass's activations whatever ``passes`` is.
+
+    Stabilisers (``sleep.gate``, ``sleep.pass_norm``): with ``gate`` the carried fast weights of looped layer
+    i are ``S_wake + g_i (S_sleep - S_wake)``, ``g = model.sleep_gate`` (one learned scalar per looped layer,
+    initialised to 0, so the model starts as its ``loops = 1`` self and learns how much of sleep to keep);
+    with ``pass_norm`` the model's final norm is applied to the features between passes, as Ouro does
+    between its loops.
     """
     states = list(states)
     if passes <= 1:
@@ -115,16 +139,46 @@ def consolidate(model: "SleepModel", feats: Tensor, states: Sequence[Any], start
     mixers, (lo, hi) = model.mixers(), model.loop_range
     looped = model.layers[lo:hi]
     fast = states[lo:hi]
+    norm = model.final_norm() if pass_norm else None
     h = feats
     for _ in range(passes - 1):
+        if norm is not None:
+            h = norm(h)
         pass_states = [with_fast_weights(mixers[lo + i], start_states[lo + i], fast[i]) for i in range(hi - lo)]
         if checkpoint:
             h, fast = activation_checkpoint(run_blocks, looped, h, pass_states, span, use_reentrant=False)
         else:
             h, fast = run_blocks(looped, h, pass_states, span)
+    if gate:
+        fast = [gate_fast_weights(mixers[lo + i], states[lo + i], fast[i], model.sleep_gate[i])
+                for i in range(hi - lo)]
     for i in range(hi - lo):
         states[lo + i] = with_fast_weights(mixers[lo + i], states[lo + i], fast[i])
     return states
+
+
+def gate_fast_weights(mixer: torch.nn.Module, woken: Any, slept: Any, g: Tensor) -> Any:
+    """``S_wake + g (S_sleep - S_wake)`` for every fast-weight entry of a mixer's state (``sleep.gate``)."""
+    if not slept:
+        return slept
+    carried = getattr(mixer, "carried_state", ())
+    out = dict(slept)
+    for key in carried:
+        if key in slept and woken is not None and key in woken:
+            s_wake = woken[key]
+            out[key] = s_wake + g.to(s_wake.dtype) * (slept[key] - s_wake)
+    return out
+
+
+def truncate_states(states: Sequence[Any], mixers: Sequence[torch.nn.Module]) -> list:
+    """The states with their fast weights detached (``sleep.truncate``): no gradient flows back through them."""
+    out = []
+    for mixer, state in zip(mixers, states):
+        carried = getattr(mixer, "carried_state", ())
+        if state:
+            state = {k: (v.detach() if k in carried and isinstance(v, Tensor) else v) for k, v in state.items()}
+        out.append(state)
+    return out
 
 
 def _wake_and_loss(model: "SleepModel", ids: Tensor, targets: Tensor | None, states: list, span: int | None,
@@ -141,7 +195,8 @@ def _wake_and_loss(model: "SleepModel", ids: Tensor, targets: Tensor | None, sta
 
 
 def _chunk(model: "SleepModel", ids: Tensor, targets: Tensor | None, states: list, passes: int,
-           need_logits: bool, span: int | None, checkpoint: bool = False) -> tuple[Tensor | None, Tensor | None, list]:
+           need_logits: bool, span: int | None, checkpoint: bool = False,
+           stabilise: dict | None = None) -> tuple[Tensor | None, Tensor | None, list]:
     """Wake + sleep over one training chunk. Returns (logits, summed CE over its targets, states).
     With ``checkpoint`` the wake pass and each sleep pass are recomputed in the backward pass."""
     args = (model, ids, targets, states, span, need_logits)
@@ -149,7 +204,7 @@ def _chunk(model: "SleepModel", ids: Tensor, targets: Tensor | None, states: lis
         feats, logits, loss_sum, woken = activation_checkpoint(_wake_and_loss, *args, use_reentrant=False)
     else:
         feats, logits, loss_sum, woken = _wake_and_loss(*args)
-    return logits, loss_sum, consolidate(model, feats, woken, states, passes, span, checkpoint)
+    return logits, loss_sum, consolidate(model, feats, woken, states, passes, span, checkpoint, **(stabilise or {}))
 
 
 def _check_inputs(model: "SleepModel", input_ids: Any, targets: Any) -> None:
@@ -168,9 +223,15 @@ def _check_inputs(model: "SleepModel", input_ids: Any, targets: Any) -> None:
 
 def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *, window: int, loops: int,
         eviction: Any = "full_flush", sleep_every: int | None = None, checkpoint: bool = False,
-        return_logits: bool = True) -> SleepOutput:
-    """Run ``model`` over ``input_ids`` (B, T) chunk by chunk with sleep; see the module docstring."""
+        return_logits: bool = True, gate: bool = False, pass_norm: bool = False,
+        truncate: int | None = None) -> SleepOutput:
+    """Run ``model`` over ``input_ids`` (B, T) chunk by chunk with sleep; see the module docstring.
+
+    ``gate`` and ``pass_norm``: see :func:`consolidate`. ``truncate=K`` detaches the fast weights after every
+    K-th chunk (truncated BPTT in blocks of K windows): a loss sends gradient back through at most K windows
+    of fast weights, never through older ones."""
     check_sleep_args(window, loops)
+    stabilise = check_stabilisers(model, gate, pass_norm, truncate)
     _check_inputs(model, input_ids, targets)
     policy = resolve_eviction(eviction, window, sleep_every)
     mixers = model.mixers()
@@ -187,13 +248,15 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
         if tgt_c is not None and not bool((tgt_c != IGNORE_INDEX).any()):
             tgt_c = None
         logits_c, loss_c, states = _chunk(model, ids_c, tgt_c, states, loops if more else 1, return_logits,
-                                          policy.span, use_ckpt)
+                                          policy.span, use_ckpt, stabilise)
         if return_logits:
             logits_parts.append(logits_c)
         if loss_c is not None:
             loss_total = loss_c if loss_total is None else loss_total + loss_c
         if more:
             states = policy.evict(states, mixers)
+            if truncate is not None and (c + 1) % truncate == 0:
+                states = truncate_states(states, mixers)
     loss = None
     if targets is not None:
         if num_targets == 0:
@@ -213,8 +276,10 @@ class Stream:
     """
 
     def __init__(self, model: "SleepModel", *, window: int, loops: int, eviction: Any = "full_flush",
-                 sleep_every: int | None = None):
+                 sleep_every: int | None = None, gate: bool = False, pass_norm: bool = False,
+                 truncate: int | None = None):
         check_sleep_args(window, loops)
+        self.stabilise = check_stabilisers(model, gate, pass_norm, truncate)  # truncate: no gradient here
         self.model, self.loops = model, loops
         self.policy = resolve_eviction(eviction, window, sleep_every)
         self.mixers = model.mixers()
@@ -254,7 +319,8 @@ class Stream:
     def sleep(self) -> None:
         """Consolidate the current chunk (passes 2..loops) and evict; the next token starts a new chunk."""
         feats = torch.cat(self.feats, dim=1)  # (B, chunk, d)
-        states = consolidate(self.model, feats, self.states, self.chunk_start, self.loops, self.policy.span)
+        states = consolidate(self.model, feats, self.states, self.chunk_start, self.loops, self.policy.span,
+                             **self.stabilise)
         self.states = self.chunk_start = self.policy.evict(states, self.mixers)
         self.feats, self.filled = [], 0
         self.sleeps += 1

@@ -119,12 +119,27 @@ class SleepModel(nn.Module):
     def mixers(self) -> list[nn.Module]:
         return [block.self_attn for block in self.layers]
 
+    def final_norm(self) -> nn.Module | None:
+        """The norm before the head (``model.norm``), applied between passes under ``sleep.pass_norm``."""
+        inner = getattr(self, "model", None)
+        return getattr(inner, "norm", None)
+
+    def add_sleep_gate(self) -> nn.Parameter:
+        """Register ``sleep_gate``: one scalar per looped layer, zero (``sleep.gate``; see engine.consolidate).
+        Called by :func:`sleepzoo.build_model` when the recipe (or one of its stages) turns the gate on."""
+        if getattr(self, "sleep_gate", None) is None:
+            lo, hi = self.loop_range
+            param = next(self.parameters())
+            self.sleep_gate = nn.Parameter(torch.zeros(hi - lo, dtype=torch.float32, device=param.device))
+        return self.sleep_gate
+
     def _sleep_settings(self, window: int | None, loops: int | None, eviction: Any,
                         sleep_every: int | None) -> dict:
         s = self.sleep
         return {"window": s.window if window is None else window, "loops": s.loops if loops is None else loops,
                 "eviction": s.eviction if eviction is None else eviction,
-                "sleep_every": s.sleep_every if sleep_every is None else sleep_every}
+                "sleep_every": s.sleep_every if sleep_every is None else sleep_every,
+                "gate": s.gate, "pass_norm": s.pass_norm}
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, *, window: int | None = None,
                 loops: int | None = None, eviction: Any = None, sleep_every: int | None = None,
@@ -134,7 +149,7 @@ class SleepModel(nn.Module):
         is taken. ``.logits`` are every position's wake-pass logits."""
         return engine.run(self, input_ids, targets, **self._sleep_settings(window, loops, eviction, sleep_every),
                           checkpoint=self.sleep.checkpoint if checkpoint is None else checkpoint,
-                          return_logits=return_logits)
+                          return_logits=return_logits, truncate=self.sleep.truncate)
 
     def start_stream(self, *, window: int | None = None, loops: int | None = None, eviction: Any = None,
                      sleep_every: int | None = None) -> engine.Stream:

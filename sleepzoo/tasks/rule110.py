@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sleepzoo.registry import SleepzooError
 from sleepzoo.tasks.base import IGNORE_INDEX, Task, _check_int
 
 #: Wolfram's rule number: bit (4*left + 2*centre + right) of 110 is the new centre cell.
@@ -89,17 +90,38 @@ class Rule110(Task):
 
     name = "rule110"
 
-    def __init__(self, steps: int = 32, states: int = 4, bits: int = 24) -> None:
-        self.steps = _check_int("Rule110", "steps", steps, minimum=0)
+    def __init__(self, steps: int | list[int] = 32, states: int = 4, bits: int = 24) -> None:
+        # A list of step counts makes a mixed-depth task: every example draws its t from the list (the test
+        # split cycles through it) and writes it as a token ``T{t}`` before each state, so the window (which
+        # grows by one token) knows how far to run the automaton before it is evicted. The metrics then come
+        # per t under ``buckets["t"]``: the x axis of the paper's Figure 2a, from one run.
+        if isinstance(steps, (list, tuple)):
+            if not steps:
+                raise SleepzooError("Rule110: steps=[] is empty; give one step count or a list of them, e.g. [0, 2, 4, 8]")
+            values = [_check_int("Rule110", "steps", t, minimum=0) for t in steps]
+            if len(set(values)) != len(values):
+                raise SleepzooError(f"Rule110: steps={list(steps)!r} repeats a value; list each t once")
+            self.step_list: list[int] | None = values
+            self.steps = values  # type: ignore[assignment]
+            self.buckets = ("t",)
+        else:
+            self.steps = _check_int("Rule110", "steps", steps, minimum=0)
+            self.step_list = None
         self.states = _check_int("Rule110", "states", states, minimum=1)
         # At least 3 cells so that a cell's left and right neighbours are distinct from each other.
         self.bits = _check_int("Rule110", "bits", bits, minimum=3)
         self._vocab = ["<pad>", "0", "1"] + [f"Q{i + 1}" for i in range(self.states)]
+        self._vocab += [f"T{t}" for t in (self.step_list or [])]
         self._nbytes = (self.bits + 7) // 8
         # Random bytes are drawn per state; bits beyond `bits` in the last byte are cleared so that each
         # state has exactly one byte encoding (the encoding is the split key).
         spare = self._nbytes * 8 - self.bits
         self._last_byte_mask = np.uint8(0xFF >> spare)
+
+    @property
+    def _span(self) -> int:
+        """Tokens per state: its cells, plus the ``T{t}`` token in the mixed-depth form."""
+        return self.bits + (self.step_list is not None)
 
     # ------------------------------------------------------------------------------------ properties
     @property
@@ -108,7 +130,7 @@ class Rule110(Task):
 
     @property
     def seq_len(self) -> int:
-        return self.states * self.bits + self.states
+        return self.states * self._span + self.states
 
     @property
     def pad_id(self) -> int:
@@ -116,13 +138,13 @@ class Rule110(Task):
 
     @property
     def window(self) -> int:
-        """Suggested attention window for recipes: one state per window."""
-        return self.bits
+        """Suggested attention window for recipes: one state (with its ``T{t}`` token) per window."""
+        return self._span
 
     @property
     def query_positions(self) -> list[int]:
         """Positions of ``Q1 .. Q{states}`` (the only positions with targets)."""
-        start = self.states * self.bits
+        start = self.states * self._span
         return list(range(start, start + self.states))
 
     # ------------------------------------------------------------------------------------ generation
@@ -131,11 +153,15 @@ class Rule110(Task):
         # rejection loop cheap: the test split keeps only 1 candidate in 8.
         raw = rng.integers(0, 256, size=(m, self.states, self._nbytes), dtype=np.uint8)
         raw[..., -1] &= self._last_byte_mask
-        return raw
+        if self.step_list is None:
+            return raw
+        return {"raw": raw, "t": rng.integers(0, len(self.step_list), size=m)}
 
     def _split_key(self, content: np.ndarray) -> np.ndarray:
         # All states' bytes, read as little-endian uint64 words (zero-padded): the same identity as the
         # bytes themselves, but 8x fewer columns for the hash to mix.
+        if isinstance(content, dict):  # mixed depth: t is not part of the key (the test split cycles t)
+            content = content["raw"]
         flat = content.reshape(content.shape[0], -1)
         width = -(-flat.shape[1] // 8) * 8
         padded = np.zeros((flat.shape[0], width), dtype=np.uint8)
@@ -146,9 +172,14 @@ class Rule110(Task):
         """uint8 [n, states, bits] cells from packed bytes (little-endian bit order: bit i = cell i)."""
         return np.unpackbits(raw, axis=-1, count=self.bits, bitorder="little")
 
-    def answers(self, cells: np.ndarray) -> np.ndarray:
-        """Cell 0 of each state after ``steps`` updates; ``cells`` is 0/1 ``[..., bits]``."""
+    def answers(self, cells: np.ndarray, steps: int | None = None) -> np.ndarray:
+        """Cell 0 of each state after ``steps`` updates (default: the task's; required in the mixed-depth
+        form); ``cells`` is 0/1 ``[..., bits]``."""
         cells = np.asarray(cells, dtype=np.uint8)
+        if steps is not None or self.step_list is not None:
+            if steps is None:
+                raise SleepzooError(f"Rule110.answers: this task mixes steps={self.step_list}; say which t")
+            return rule110_evolve(cells, _check_int("Rule110.answers", "steps", steps, minimum=0))[..., 0]
         if self.bits <= 64:
             return self._answers_packed(np.packbits(cells, axis=-1, bitorder="little"))
         return rule110_evolve(cells, self.steps)[..., 0]
@@ -160,18 +191,49 @@ class Rule110(Task):
         words = padded.view("<u8")[..., 0]
         return (_evolve_packed(words, self.bits, self.steps) & _U64(1)).astype(np.uint8)
 
-    def _build(self, content: np.ndarray, split: str) -> dict[str, torch.Tensor]:
-        n = content.shape[0]
-        cells = self._unpack(content)  # [n, S, B]
-        # [n, S]; the packed path starts from the drawn bytes directly (no repacking).
-        answer = self._answers_packed(content) if self.bits <= 64 else rule110_evolve(cells, self.steps)[..., 0]
+    def _build(self, content: Any, split: str) -> dict[str, torch.Tensor]:
+        if self.step_list is None:
+            raw, t_of = content, None
+        else:
+            raw = content["raw"]
+            m = raw.shape[0]
+            # test: t cycles through the list, so every bucket gets the same share of the test examples
+            index = np.arange(m) % len(self.step_list) if split == "test" else content["t"]
+            t_of = np.asarray(self.step_list, dtype=np.int64)[index]
+        n = raw.shape[0]
+        cells = self._unpack(raw)  # [n, S, B]
+        if t_of is None:
+            # [n, S]; the packed path starts from the drawn bytes directly (no repacking).
+            answer = self._answers_packed(raw) if self.bits <= 64 else rule110_evolve(cells, self.steps)[..., 0]
+        else:
+            answer = np.zeros((n, self.states), dtype=np.uint8)
+            for t in np.unique(t_of):
+                rows = t_of == t
+                answer[rows] = self._answer_at(raw[rows], cells[rows], int(t))
         ids = np.empty((n, self.seq_len), dtype=np.int64)
-        body = self.states * self.bits
-        ids[:, :body] = cells.reshape(n, body) + 1  # "0" is id 1, "1" is id 2
+        body = self.states * self._span
+        states = ids[:, :body].reshape(n, self.states, self._span)
+        if t_of is None:
+            states[:] = cells + 1  # "0" is id 1, "1" is id 2
+        else:
+            states[:, :, 0] = (3 + self.states + index)[:, None]  # T{t}, after the query tokens
+            states[:, :, 1:] = cells + 1
+        ids[:, :body] = states.reshape(n, body)
         ids[:, body:] = np.arange(3, 3 + self.states)  # Q1 is id 3
         targets = np.full((n, self.seq_len), IGNORE_INDEX, dtype=np.int64)
         targets[:, body:] = answer + 1
-        return {"input_ids": torch.from_numpy(ids), "targets": torch.from_numpy(targets)}
+        out = {"input_ids": torch.from_numpy(ids), "targets": torch.from_numpy(targets)}
+        if t_of is not None:
+            out["t"] = torch.from_numpy(t_of)
+        return out
+
+    def _answer_at(self, raw: np.ndarray, cells: np.ndarray, steps: int) -> np.ndarray:
+        """Cell 0 after ``steps`` updates, [n, S], from the packed bytes (or the cells when bits > 64)."""
+        if self.bits > 64:
+            return rule110_evolve(cells, steps)[..., 0]
+        padded = np.zeros(raw.shape[:-1] + (8,), dtype=np.uint8)
+        padded[..., : raw.shape[-1]] = raw
+        return (_evolve_packed(padded.view("<u8")[..., 0], self.bits, steps) & _U64(1)).astype(np.uint8)
 
     # --------------------------------------------------------------------------------------- display
     def decode(self, ids: Any, targets: Any = None) -> str:
@@ -180,7 +242,7 @@ class Rule110(Task):
         Sequences that are not of this task's length fall back to the generic space-separated form.
         """
         ids_t = torch.as_tensor(ids)
-        if ids_t.ndim != 1 or ids_t.numel() != self.seq_len:
+        if ids_t.ndim != 1 or ids_t.numel() != self.seq_len or self.step_list is not None:
             return super().decode(ids, targets)
         tg_t = None if targets is None else torch.as_tensor(targets)
         body = self.states * self.bits
