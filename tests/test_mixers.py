@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -199,3 +200,38 @@ def test_causal_depthwise_conv_both_paths_match_a_tap_loop(T, history):
     grads_ref = torch.autograd.grad(ref, (x, weight), g)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["bf16-weights", "autocast"])
+def test_gated_deltanet_decay_is_float32_under_bf16(mode):
+    """The g handed to the rule is float32 and equals the decay computed in float64 from the same bf16
+    inputs (A_log, dt_bias and the a_proj output), rounded once; a bf16 computation would be visibly off."""
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(32, num_heads=4, head_dim=8, chunk_size=8)
+    with torch.no_grad():
+        layer.A_log.uniform_(-1.0, 2.5)  # decays spread over a range where bf16 rounding shows
+        layer.dt_bias.uniform_(-3.0, 1.0)
+    x = torch.randn(2, 11, 32)
+    if mode == "bf16-weights":
+        layer.to(torch.bfloat16)
+        x = x.to(torch.bfloat16)
+    seen = {}
+    real_rule = layer.rule
+
+    def spy(q, k, v, g, beta, **kwargs):
+        seen["g"] = g
+        return real_rule(q, k, v, g, beta, **kwargs)
+
+    layer.rule = spy
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else contextlib.nullcontext()
+    with torch.no_grad(), context:
+        y, _ = layer(x)
+        a = layer.a_proj(x)  # the projection as the layer computes it (bf16 in both modes)
+    assert a.dtype == torch.bfloat16 and seen["g"].dtype == torch.float32
+    A_log, dt_bias = layer.A_log.double(), layer.dt_bias.double()
+    want = -A_log.exp() * F.softplus(a.double() + dt_bias)
+    torch.testing.assert_close(seen["g"].double(), want, rtol=2e-6, atol=1e-7)
+    in_bf16 = -layer.A_log.to(torch.bfloat16).exp() * F.softplus(a + layer.dt_bias.to(torch.bfloat16))
+    assert (in_bf16.double() - want).abs().max() > 100 * (seen["g"].double() - want).abs().max()
+    assert torch.isfinite(y).all()

@@ -75,8 +75,9 @@ class GatedDeltaNet(nn.Module):
     """Gated DeltaNet sequence mixer.
 
     Per token: q, k, v = silu(conv(W x)); q, k L2-normalised per head; beta = sigmoid(b_proj x);
-    g = -exp(A_log) * softplus(a_proj x + dt_bias); the fast-weight rule updates S (B, H, K, V) and reads
-    o = S^T q / sqrt(K); output = o_proj(RMSNorm(o) * silu(g_proj x)) per head.
+    g = -exp(A_log) * softplus(a_proj x + dt_bias), in at least float32 (also under bf16 weights or autocast);
+    the fast-weight rule updates S (B, H, K, V) and reads o = S^T q / sqrt(K); output =
+    o_proj(RMSNorm(o) * silu(g_proj x)) per head.
 
     Parameters: with d = d_model, H heads, K = head_dim, V = expand_v * K:
     ``d*H*(2K + 2V) + H*V*d`` (q, k, v, g, o projections) ``+ 2*d*H`` (a, b) ``+ 2H`` (A_log, dt_bias)
@@ -155,7 +156,10 @@ class GatedDeltaNet(nn.Module):
         k = l2norm(k.view(B, T, H, K))  # (B, T, H, K)
         v = v.view(B, T, H, V)  # (B, T, H, V)
         beta = self.b_proj(x).sigmoid()  # (B, T, H)
-        g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)  # (B, T, H), log decay <= 0
+        # The log decay in at least float32 (as the Jet and Mamba2 mixers compute it): under bf16 weights or
+        # autocast, bf16's 8-bit mantissa would round softplus and exp, and g sums over a whole chunk.
+        gdt = torch.promote_types(x.dtype, torch.float32)
+        g = -self.A_log.to(gdt).exp() * F.softplus(self.a_proj(x).to(gdt) + self.dt_bias.to(gdt))  # (B, T, H) <= 0
         S0 = None if state is None else state.get("fast_weights")
         o, S = self.rule(q, k, v, g, beta, scale=K ** -0.5, initial_state=S0, chunk_size=self.chunk_size)
         gate = self.g_proj(x).view(B, T, H, V) if self.use_gate else None
