@@ -311,6 +311,32 @@ def _optimizer_from_files(opt: torch.optim.Optimizer, index: int, tensors: dict[
     return {"state": state, "param_groups": groups}
 
 
+def _check_optimizer_layout(path: Path, index: int, opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """The saved state must have the optimizer's parameter groups (count and sizes) and, per parameter, state
+    tensors of the parameter's shape; else one CheckpointError (torch would raise a bare ValueError for the
+    groups and silently load mis-shaped moments)."""
+    name = type(opt).__name__
+    have = [len(g["params"]) for g in saved["param_groups"]]
+    want = [len(g["params"]) for g in opt.param_groups]
+    if have != want:
+        raise CheckpointError(
+            f"{str(path)!r}: optimizer {index} ({name}) was saved with parameter groups of {have} tensors, the "
+            f"run builds groups of {want}: the split of the parameters between the optimizers or their groups "
+            f"changed (this sleepzoo gives AdamW a decayed and a not-decayed group and keeps 1-row weights out "
+            f"of Muon); resume with the sleepzoo version that wrote the checkpoint, or start the run again")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for pid, values in saved["state"].items():
+        if not 0 <= pid < len(params):
+            raise CheckpointError(f"{str(path)!r}: optimizer {index} ({name}) holds state for parameter {pid}, "
+                                  f"but it has {len(params)} parameters")
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != params[pid].shape:
+                raise CheckpointError(
+                    f"{str(path)!r}: optimizer {index} ({name}) state {key} of parameter {pid} has shape "
+                    f"{list(value.shape)}, the parameter {list(params[pid].shape)}: the checkpoint's parameter "
+                    f"order does not match the run's; resume with the sleepzoo version that wrote it")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # training checkpoints
 
@@ -413,13 +439,17 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizers: Sequence[
             f"({', '.join(o['type'] for o in meta['optimizers'])}) and {len(meta['schedulers'])} scheduler(s); "
             f"the run has {len(optimizers)} ({', '.join(type(o).__name__ for o in optimizers)}) "
             f"and {len(schedulers)}")
-    load_weights(model, path / "model.safetensors")
     opt_tensors = load_file(str(path / "optimizer.safetensors"))
+    opt_states = []
     for i, (opt, opt_meta) in enumerate(zip(optimizers, meta["optimizers"])):
         if opt_meta["type"] != type(opt).__name__:
             raise CheckpointError(f"{str(path)!r}: optimizer {i} is {opt_meta['type']}, the run's is "
                                   f"{type(opt).__name__}")
-        opt.load_state_dict(_optimizer_from_files(opt, i, opt_tensors, opt_meta))
+        opt_states.append(_optimizer_from_files(opt, i, opt_tensors, opt_meta))
+        _check_optimizer_layout(path, i, opt, opt_states[-1])  # before anything is loaded
+    load_weights(model, path / "model.safetensors")
+    for opt, saved in zip(optimizers, opt_states):
+        opt.load_state_dict(saved)
     for sched, state in zip(schedulers, meta["schedulers"]):
         sched.load_state_dict(state)
     if restore_rng_state:

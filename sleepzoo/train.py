@@ -119,12 +119,29 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return heads[-1] if heads else None
 
 
+def no_weight_decay(p: nn.Parameter) -> bool:
+    """True for a parameter that AdamW must not decay: every parameter with fewer than 2 dimensions (norm
+    weights, biases, ``A_log``, ``dt_bias``, ``D``, gates) and every parameter flagged ``_no_weight_decay``.
+
+    Weight decay pulls a weight towards 0, a prior for matrices (embeddings, head, projections) but not for
+    a log decay rate, a bias or a norm's gain, for which 0 is no neutral value (A_log = 0 means A = 1; a zero
+    norm gain switches a block off). Conv kernels (3-D) are weights and are decayed, as
+    in common practice (decay exactly the parameters with ndim >= 2). The flag is a plain attribute, so it
+    survives ``model.to()`` but not a rebuild from the meta device; the flagged parameters sleepzoo has are
+    1-D, which the first rule covers either way."""
+    return p.ndim < 2 or bool(getattr(p, "_no_weight_decay", False))
+
+
 def split_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Split trainable parameters into ``{"muon": [...], "adamw": [...]}`` as ``(name, parameter)`` pairs.
 
     Muon gets every 2-D weight of the hidden layers; AdamW gets embeddings and the output head (found by
-    module type, so a tied head is the embedding), and every parameter that is not 2-D: norms, biases, conv
-    kernels, ``A_log``, ``dt_bias``. A parameter shared by several modules is listed once.
+    module type, so a tied head is the embedding), every parameter that is not 2-D (norms, biases, conv
+    kernels, ``A_log``, ``dt_bias``), every 2-D weight with a single row or column (a vector such as Ouro's
+    early-exit gate ``Linear(d, 1)``: orthogonalising a 1 x d update only normalises it, and Muon's rule is
+    meant for matrices) and every parameter flagged ``_no_weight_decay`` (Muon would decay it). A parameter
+    shared by several modules is listed once. :func:`build_optimizers` splits AdamW's share again, into
+    the parameters it decays and those it does not (:func:`no_weight_decay`).
     """
     io_params: set[int] = set()
     for module in model.modules():
@@ -136,7 +153,8 @@ def split_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {"muon": [], "adamw": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups["muon" if p.ndim == 2 and id(p) not in io_params else "adamw"].append((name, p))
+            matrix = p.ndim == 2 and min(p.shape) > 1 and not getattr(p, "_no_weight_decay", False)
+            groups["muon" if matrix and id(p) not in io_params else "adamw"].append((name, p))
     return groups
 
 
@@ -212,7 +230,13 @@ def select_parameters(model: nn.Module, patterns: list[str] | None,
 
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """``[Muon, AdamW]`` for ``optimizer: muon`` (Muon left out if no hidden 2-D weight exists), or ``[AdamW]``."""
+    """``[Muon, AdamW]`` for ``optimizer: muon`` (Muon left out if no hidden 2-D weight exists), or ``[AdamW]``.
+
+    Muon decays its weights by ``train.weight_decay``. AdamW has up to two parameter groups, in this order:
+    the parameters it decays by ``train.weight_decay`` (embeddings, head, conv kernels: ndim >= 2) and those
+    it does not decay (weight_decay 0: :func:`no_weight_decay`); an empty group is left out. Both groups
+    share the learning rate, betas and schedule.
+    """
     groups = split_parameters(model)
     adamw_params = [p for _, p in groups["adamw"]]
     muon_params = [p for _, p in groups["muon"]]
@@ -223,7 +247,11 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
         optimizers.append(torch.optim.Muon(muon_params, lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
                                            momentum=MUON_MOMENTUM, adjust_lr_fn=MUON_ADJUST_LR))
     if adamw_params:
-        optimizers.append(torch.optim.AdamW(adamw_params, lr=cfg.adamw_lr, betas=tuple(cfg.betas),
+        decayed = [p for p in adamw_params if not no_weight_decay(p)]
+        plain = [p for p in adamw_params if no_weight_decay(p)]
+        param_groups = [{"params": decayed, "weight_decay": cfg.weight_decay}] if decayed else []
+        param_groups += [{"params": plain, "weight_decay": 0.0}] if plain else []
+        optimizers.append(torch.optim.AdamW(param_groups, lr=cfg.adamw_lr, betas=tuple(cfg.betas),
                                             weight_decay=cfg.weight_decay))
     if not optimizers:
         raise SleepzooError(f"{type(model).__name__} has no trainable parameters")

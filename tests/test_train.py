@@ -158,11 +158,112 @@ def test_build_optimizers(toy_plugins):
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     assert {id(p) for p in muon.param_groups[0]["params"]} == {id(model.up.weight), id(model.down.weight)}
     assert muon.param_groups[0]["lr"] == 0.02 and muon.param_groups[0]["weight_decay"] == 0.5
-    assert adamw.param_groups[0]["lr"] == 0.01 and adamw.param_groups[0]["betas"] == (0.8, 0.9)
-    assert adamw.param_groups[0]["weight_decay"] == 0.5
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, plain = adamw.param_groups
+    assert sorted(names[id(p)] for p in decayed["params"]) == ["conv.weight", "embed.weight", "out.weight"]
+    assert sorted(names[id(p)] for p in plain["params"]) == ["A_log", "conv.bias", "norm.bias", "norm.weight",
+                                                             "up.bias"]
+    assert (decayed["weight_decay"], plain["weight_decay"]) == (0.5, 0.0)
+    for group in (decayed, plain):
+        assert group["lr"] == 0.01 and group["betas"] == (0.8, 0.9)
     (only,) = build_optimizers(model, toy_recipe("train.optimizer=adamw").train)
     assert isinstance(only, torch.optim.AdamW)
-    assert {id(p) for p in only.param_groups[0]["params"]} == {id(p) for p in model.parameters()}
+    decayed, plain = only.param_groups  # Muon's share joins the decayed group
+    assert {id(p) for p in decayed["params"] + plain["params"]} == {id(p) for p in model.parameters()}
+    assert {names[id(p)] for p in decayed["params"]} == {"conv.weight", "embed.weight", "out.weight", "up.weight",
+                                                          "down.weight"}
+
+
+class Flagged(nn.Module):
+    """One parameter of every kind the optimizer split tells apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.hidden = nn.Linear(4, 4, bias=True)  # Muon (weight), AdamW without decay (bias)
+        self.table = nn.Parameter(torch.randn(3, 4))  # 2-D but flagged
+        self.table._no_weight_decay = True
+        self.scale = nn.Parameter(torch.randn(4))  # 1-D, not flagged
+        self.gate = nn.Linear(4, 1)  # 1 x 4: AdamW, decayed
+        self.head = nn.Linear(4, 7, bias=False)
+
+
+def test_weight_decay_groups_and_a_zero_gradient_step():
+    """With zero gradients an update is weight decay alone: p * (1 - lr * wd) for Muon's weights and AdamW's
+    decayed group, nothing at all for 1-D and flagged parameters."""
+    torch.manual_seed(0)
+    model = Flagged()
+    cfg = TrainConfig(steps=1, optimizer="muon", muon_lr=0.05, adamw_lr=0.02, weight_decay=0.5)
+    groups = split_parameters(model)
+    assert [n for n, _ in groups["muon"]] == ["hidden.weight"]
+    muon, adamw = build_optimizers(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, plain = ([names[id(p)] for p in g["params"]] for g in adamw.param_groups)
+    assert sorted(decayed) == ["embed.weight", "gate.weight", "head.weight"]
+    assert sorted(plain) == ["gate.bias", "hidden.bias", "scale", "table"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    muon.step()
+    adamw.step()
+    after = dict(model.named_parameters())
+    assert torch.equal(after["hidden.weight"], before["hidden.weight"] * (1 - 0.05 * 0.5))  # Muon keeps decay
+    for n in decayed:
+        assert torch.equal(after[n], before[n] * (1 - 0.02 * 0.5)), n
+    for n in plain:
+        assert torch.equal(after[n], before[n]), n  # the flagged 2-D table included
+
+
+def test_ouro_early_exit_gate_goes_to_adamw():
+    from sleepzoo.pretrained import from_config
+
+    config = {"model_type": "ouro", "vocab_size": 41, "hidden_size": 16, "intermediate_size": 24,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4,
+              "tie_word_embeddings": False, "total_ut_steps": 2, "max_position_embeddings": 64}
+    model = from_config(config)
+    gate = model.model.early_exit_gate
+    assert gate.weight.shape == (1, 16)
+    groups = split_parameters(model)
+    muon = {n for n, _ in groups["muon"]}
+    assert "model.early_exit_gate.weight" not in muon and "lm_head.weight" not in muon
+    assert muon and all(p.ndim == 2 and min(p.shape) > 1 for _, p in groups["muon"])
+    assert any(n.endswith("self_attn.q_proj.weight") for n in muon)
+    muon_opt, adamw = build_optimizers(model, TrainConfig(steps=1, optimizer="muon"))
+    decayed, plain = adamw.param_groups
+    assert any(p is gate.weight for p in decayed["params"]) and any(p is gate.bias for p in plain["params"])
+    assert not any(p is gate.weight for p in muon_opt.param_groups[0]["params"])
+
+
+def test_a_checkpoint_with_another_group_layout_is_one_clear_error(toy_plugins, tmp_path):
+    """A checkpoint from before AdamW had two groups (one group of every AdamW parameter) does not load into
+    the run's optimizers: one CheckpointError line, not torch's ValueError or mis-shaped moments."""
+    import sleepzoo
+
+    recipe = toy_recipe()
+    model = sleepzoo.build_model(recipe)
+    muon, adamw = build_optimizers(model, recipe.train)
+    old_adamw = torch.optim.AdamW([p for g in adamw.param_groups for p in g["params"]], lr=0.01)
+    ckpt = save_checkpoint(tmp_path, 1, model=model, optimizers=[muon, old_adamw], schedulers=[],
+                           trainer_state={})
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(ckpt, model=model, optimizers=[muon, adamw])
+    message = str(info.value)
+    assert "\n" not in message and "optimizer 1 (AdamW)" in message
+    assert f"groups of [{len(old_adamw.param_groups[0]['params'])}] tensors" in message
+    assert f"groups of [{len(adamw.param_groups[0]['params'])}, {len(adamw.param_groups[1]['params'])}]" in message
+    # same group sizes, parameters in another order: the moments' shapes give it away
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    adamw.step()
+    ckpt = save_checkpoint(tmp_path, 2, model=model, optimizers=[muon, adamw], schedulers=[], trainer_state={})
+    decayed, plain = adamw.param_groups
+    assert [list(p.shape) for p in decayed["params"]] == [[8, 16], [16, 1, 3], [8, 16]]  # embed, conv, out
+    rotated = decayed["params"][1:] + decayed["params"][:1]
+    swapped = torch.optim.AdamW([{"params": rotated}, {"params": plain["params"]}], lr=0.01)
+    with pytest.raises(CheckpointError, match=r"state exp_avg of parameter 0 has shape \[8, 16\], the parameter "
+                                              r"\[16, 1, 3\]: .*order does not match"):
+        load_checkpoint(ckpt, model=model, optimizers=[muon, swapped])
+    load_checkpoint(ckpt, model=model, optimizers=[muon, adamw])  # its own layout loads
 
 
 @pytest.mark.parametrize("steps,warmup,decay,expected", [
