@@ -90,6 +90,9 @@ class SleepConfig:
     gate: bool = False  # carry S_wake + g (S_sleep - S_wake), g a learned scalar per looped layer, from 0
     pass_norm: bool = False  # the model's final norm on the features between passes (as Ouro between loops)
     truncate: int | None = None  # fast weights are detached after every K-th window (null: full BPTT)
+    # The blocks after the loop: "sleep" (SPEC 1) runs them once more over the last sleep pass's features and
+    # keeps their fast weights from there; "wake" keeps the wake pass's (the coda never sees sleep: ablation)
+    coda: str = "sleep"
 
 
 @dataclass
@@ -106,6 +109,9 @@ class TrainConfig:
 
     steps: int = 1000
     batch_size: int = 64
+    # Rows per forward/backward on each process (gradient accumulation); null: the whole (per-process) batch.
+    # A step still updates on all batch_size rows: same loss, gradients and weights, to float rounding.
+    micro_batch_size: int | None = None
     seed: int = 0  # model init and data order; data for step i depends on (seed, i) only
     optimizer: str = "muon"  # "muon" (Muon + AdamW) or "adamw" (AdamW for everything)
     muon_lr: float = 2e-3
@@ -401,6 +407,10 @@ def _check_values(r: Recipe, where: str) -> None:
     need(r.sleep.sleep_every in (None, r.sleep.window) or r.sleep.eviction != "full_flush", "sleep.sleep_every",
          r.sleep.sleep_every, "full_flush sleeps on whole windows; use eviction: sliding_window to sleep more often")
     need(r.sleep.loops >= 1, "sleep.loops", r.sleep.loops, "loops must be >= 1 (1 = no sleep, the plain hybrid)")
+    need(r.train.micro_batch_size is None or r.train.micro_batch_size >= 1, "train.micro_batch_size",
+         r.train.micro_batch_size, "give rows per forward >= 1 (gradient accumulation), or null for the whole batch")
+    need(r.sleep.coda in ("sleep", "wake"), "sleep.coda", r.sleep.coda,
+         "choose sleep (the coda runs after the last sleep pass, SPEC 1) or wake (it sees only the wake pass)")
     need(r.sleep.truncate is None or r.sleep.truncate >= 1, "sleep.truncate", r.sleep.truncate,
          "give a number of windows >= 1 after which fast weights pass no gradient, or null for full BPTT")
     need(r.model.d_model >= 1, "model.d_model", r.model.d_model, "must be >= 1")

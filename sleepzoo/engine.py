@@ -47,12 +47,14 @@ IGNORE_INDEX = -100
 @dataclass
 class SleepOutput:
     """What a forward returns. ``loss`` is the mean cross-entropy over targets != -100 (None without targets);
-    ``logits`` (B, T, vocab) are the wake-pass logits of every position (None with ``return_logits=False``)."""
+    ``logits`` (B, T, vocab) are the wake-pass logits of every position (None with ``return_logits=False``;
+    (n, vocab) at the target positions with ``return_logits="targets"``)."""
 
     loss: Tensor | None
     logits: Tensor | None
     num_targets: int
     states: list[Any]
+    target_positions: Tensor | None = None  # (n, 2) (batch, position) of .logits under return_logits="targets"
 
 
 def window_bounds(seq_len: int, chunk: int) -> list[tuple[int, int]]:
@@ -104,22 +106,31 @@ def run_blocks(blocks: Sequence[torch.nn.Module], h: Tensor, states: Sequence[An
     return h, new_states
 
 
+def block_lists(model: "SleepModel") -> tuple[Sequence[torch.nn.Module], Sequence[torch.nn.Module],
+                                             Sequence[torch.nn.Module]]:
+    """The model's (prelude, loop, coda) blocks: state slot i of the engine belongs to block i of
+    ``prelude + loop + coda``."""
+    return model.prelude, model.loop, model.coda
+
+
 def wake(model: "SleepModel", ids: Tensor, states: Sequence[Any], span: int | None,
-         need_logits: bool = True) -> tuple[Tensor, Tensor | None, list]:
-    """The wake pass over new tokens ``ids`` (B, t). Returns (looped blocks' output features, logits or
-    None, states). The coda runs even without logits: its states must see the wake pass."""
-    layers, (lo, hi) = model.layers, model.loop_range
+         need_logits: bool = True) -> tuple[Tensor, Tensor, Tensor | None, list]:
+    """The wake pass over new tokens ``ids`` (B, t). Returns (looped blocks' output features, the coda's
+    output features, logits or None, states). The coda runs even without logits: its states must see the
+    wake pass (a consolidated chunk's coda states are replaced after sleep, see :func:`consolidate`)."""
+    prelude, loop, coda = block_lists(model)
+    lo, hi = len(prelude), len(prelude) + len(loop)
     h = model.embed(ids)  # (B, t, d)
-    h, pre = run_blocks(layers[:lo], h, states[:lo], span)
-    feats, looped = run_blocks(layers[lo:hi], h, states[lo:hi], span)
-    out, coda = run_blocks(layers[hi:], feats, states[hi:], span)
+    h, pre = run_blocks(prelude, h, states[:lo], span)
+    feats, looped = run_blocks(loop, h, states[lo:hi], span)
+    out, after = run_blocks(coda, feats, states[hi:], span)
     logits = model.head(out) if need_logits else None  # (B, t, vocab)
-    return feats, logits, pre + looped + coda
+    return feats, out, logits, pre + looped + after
 
 
 def consolidate(model: "SleepModel", feats: Tensor, states: Sequence[Any], start_states: Sequence[Any],
                 passes: int, span: int | None, checkpoint: bool = False, *, gate: bool = False,
-                pass_norm: bool = False) -> list:
+                pass_norm: bool = False, coda: str = "sleep") -> list:
     """Sleep: passes 2..``passes`` of the looped blocks over a chunk whose wake pass produced ``feats``.
 
     Each pass reads the context the wake pass read (the caches of ``start_states``, from before the chunk)
@@ -127,17 +138,25 @@ def consolidate(model: "SleepModel", feats: Tensor, states: Sequence[Any], start
     With ``checkpoint`` each pass keeps only its inputs for the backward pass and is recomputed there, so
     the memory of a chunk's backward holds one pass's activations whatever ``passes`` is.
 
-    Stabilisers (``sleep.gate``, ``sleep.pass_norm``): with ``gate`` the carried fast weights of looped layer
-    i are ``S_wake + g_i (S_sleep - S_wake)``, ``g = model.sleep_gate`` (one learned scalar per looped layer,
-    initialised to 0, so the model starts as its ``loops = 1`` self and learns how much of sleep to keep);
-    with ``pass_norm`` the model's final norm is applied to the features between passes, as Ouro does
-    between its loops.
+    The coda (``coda="sleep"``, SPEC 1): after the last pass the blocks after the loop run once over that
+    pass's features, from their own states at the chunk's start, and their fast weights are the ones kept
+    (caches: the wake pass's, as for the looped blocks). ``coda="wake"`` keeps the wake pass's coda states
+    (an ablation: the coda then never sees sleep).
+
+    Stabilisers (``sleep.gate``, ``sleep.pass_norm``): with ``gate`` the carried fast weights of the looped
+    and coda layers are ``S_wake + g_i (S_sleep - S_wake)``, ``g = model.sleep_gate`` (one learned scalar per
+    looped or coda layer, initialised to 0, so the model starts as its ``loops = 1`` self and learns how much
+    of sleep to keep); with ``pass_norm`` the model's final norm is applied to the features between passes,
+    as Ouro does between its loops.
     """
     states = list(states)
     if passes <= 1:
         return states
-    mixers, (lo, hi) = model.mixers(), model.loop_range
-    looped = model.layers[lo:hi]
+    if coda not in CODA_MODES:
+        raise SleepzooError(f"sleep.coda={coda!r} is invalid: choose {' or '.join(CODA_MODES)}")
+    prelude, loop, after = block_lists(model)
+    mixers = model.mixers()
+    lo, hi = len(prelude), len(prelude) + len(loop)
     fast = states[lo:hi]
     norm = model.final_norm() if pass_norm else None
     h = feats
@@ -146,15 +165,29 @@ def consolidate(model: "SleepModel", feats: Tensor, states: Sequence[Any], start
             h = norm(h)
         pass_states = [with_fast_weights(mixers[lo + i], start_states[lo + i], fast[i]) for i in range(hi - lo)]
         if checkpoint:
-            h, fast = activation_checkpoint(run_blocks, looped, h, pass_states, span, use_reentrant=False)
+            h, fast = activation_checkpoint(run_blocks, loop, h, pass_states, span, use_reentrant=False)
         else:
-            h, fast = run_blocks(looped, h, pass_states, span)
+            h, fast = run_blocks(loop, h, pass_states, span)
+    slept = list(fast)
+    if coda == "sleep" and len(after):
+        coda_start = list(start_states[hi:])
+        if checkpoint:
+            _, coda_states = activation_checkpoint(run_blocks, after, h, coda_start, span, use_reentrant=False)
+        else:
+            _, coda_states = run_blocks(after, h, coda_start, span)
+        slept += coda_states
+        n = len(states) - lo
+    else:
+        n = hi - lo
     if gate:
-        fast = [gate_fast_weights(mixers[lo + i], states[lo + i], fast[i], model.sleep_gate[i])
-                for i in range(hi - lo)]
-    for i in range(hi - lo):
-        states[lo + i] = with_fast_weights(mixers[lo + i], states[lo + i], fast[i])
+        slept = [gate_fast_weights(mixers[lo + i], states[lo + i], slept[i], model.sleep_gate[i])
+                 for i in range(n)]
+    for i in range(n):
+        states[lo + i] = with_fast_weights(mixers[lo + i], states[lo + i], slept[i])
     return states
+
+
+CODA_MODES = ("sleep", "wake")
 
 
 def gate_fast_weights(mixer: torch.nn.Module, woken: Any, slept: Any, g: Tensor) -> Any:
@@ -181,25 +214,67 @@ def truncate_states(states: Sequence[Any], mixers: Sequence[torch.nn.Module]) ->
     return out
 
 
+#: Target logits above this many elements (256 MiB in float32) are computed in pieces of positions, each
+#: recomputed in the backward pass, so a step never holds more than one piece of (positions, vocab) scores.
+LOSS_PIECE_ELEMENTS = 1 << 26
+
+
+def _piece_loss(model: "SleepModel", h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(summed CE, logits) of features ``h`` (n, d) against targets ``y`` (n,)."""
+    logits = model.head(h)
+    # half-precision logits are upcast for the loss; float32/float64 are kept as they are
+    scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return F.cross_entropy(scores, y, reduction="sum"), logits
+
+
+def target_loss(model: "SleepModel", out: Tensor, targets: Tensor, keep_logits: bool = False,
+                piece_elements: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Summed cross-entropy of the head at the positions of ``targets`` (B, t) != -100 only, from the coda's
+    output features ``out`` (B, t, d): no (B, t, vocab) tensor is made. Where even (targets, vocab) is large
+    the positions are taken in pieces, each recomputed in the backward pass. Returns (loss sum, the target
+    positions' logits (n, vocab) in row-major order, or None unless ``keep_logits``)."""
+    mask = targets != IGNORE_INDEX
+    h, y = out[mask], targets[mask]  # (n, d), (n,)
+    limit = LOSS_PIECE_ELEMENTS if piece_elements is None else piece_elements
+    rows = max(1, limit // max(1, model.vocab_size))
+    if keep_logits or h.shape[0] <= rows:
+        loss, logits = _piece_loss(model, h, y)
+        return loss, (logits if keep_logits else None)
+    total = None
+    for start in range(0, h.shape[0], rows):
+        hp, yp = h[start:start + rows], y[start:start + rows]
+        if torch.is_grad_enabled():
+            part = activation_checkpoint(lambda a, b: _piece_loss(model, a, b)[0], hp, yp, use_reentrant=False)
+        else:
+            part = _piece_loss(model, hp, yp)[0]
+        total = part if total is None else total + part
+    return total, None
+
+
 def _wake_and_loss(model: "SleepModel", ids: Tensor, targets: Tensor | None, states: list, span: int | None,
-                   need_logits: bool) -> tuple[Tensor, Tensor | None, Tensor | None, list]:
-    """The wake pass and the summed CE over ``targets``: (features, logits or None, loss or None, states)."""
-    feats, logits, woken = wake(model, ids, states, span, need_logits or targets is not None)
+                   logits_mode: Any) -> tuple[Tensor, Tensor | None, Tensor | None, list]:
+    """The wake pass and the summed CE over ``targets``: (features, logits or None, loss or None, states).
+    ``logits_mode``: True (every position's logits), "targets" (the target positions' logits, (n, vocab)) or
+    False (none: the head runs at the target positions only, for the loss)."""
+    full = logits_mode is True
+    feats, out, logits, woken = wake(model, ids, states, span, need_logits=full)
     loss_sum = None
     if targets is not None:
-        # half-precision logits are upcast for the loss; float32/float64 are kept as they are
-        scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        loss_sum = F.cross_entropy(scores.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum")
-    return feats, (logits if need_logits else None), loss_sum, woken
+        if full:
+            scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+            loss_sum = F.cross_entropy(scores.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="sum")
+        else:
+            loss_sum, logits = target_loss(model, out, targets, keep_logits=logits_mode == "targets")
+    return feats, logits, loss_sum, woken
 
 
 def _chunk(model: "SleepModel", ids: Tensor, targets: Tensor | None, states: list, passes: int,
-           need_logits: bool, span: int | None, checkpoint: bool = False,
+           logits_mode: Any, span: int | None, checkpoint: bool = False,
            stabilise: dict | None = None) -> tuple[Tensor | None, Tensor | None, list]:
     """Wake + sleep over one training chunk. Returns (logits, summed CE over its targets, states).
     With ``checkpoint`` the wake pass and each sleep pass are recomputed in the backward pass."""
-    args = (model, ids, targets, states, span, need_logits)
+    args = (model, ids, targets, states, span, logits_mode)
     if checkpoint:
         feats, logits, loss_sum, woken = activation_checkpoint(_wake_and_loss, *args, use_reentrant=False)
     else:
@@ -223,15 +298,27 @@ def _check_inputs(model: "SleepModel", input_ids: Any, targets: Any) -> None:
 
 def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *, window: int, loops: int,
         eviction: Any = "full_flush", sleep_every: int | None = None, checkpoint: bool = False,
-        return_logits: bool = True, gate: bool = False, pass_norm: bool = False,
-        truncate: int | None = None) -> SleepOutput:
+        return_logits: bool | str = True, gate: bool = False, pass_norm: bool = False,
+        truncate: int | None = None, coda: str = "sleep") -> SleepOutput:
     """Run ``model`` over ``input_ids`` (B, T) chunk by chunk with sleep; see the module docstring.
+
+    ``return_logits``: True gives every position's wake logits (B, T, vocab); False gives none and the head
+    runs only at the target positions, for the loss (what training uses: no (B, T, vocab) tensor exists);
+    ``"targets"`` gives the target positions' logits as ``.logits`` (n, vocab), row-major over (B, T), the
+    positions in ``.target_positions`` (n, 2): what evaluation needs.
 
     ``gate`` and ``pass_norm``: see :func:`consolidate`. ``truncate=K`` detaches the fast weights after every
     K-th chunk (truncated BPTT in blocks of K windows): a loss sends gradient back through at most K windows
     of fast weights, never through older ones."""
     check_sleep_args(window, loops)
     stabilise = check_stabilisers(model, gate, pass_norm, truncate)
+    if coda not in CODA_MODES:
+        raise SleepzooError(f"sleep.coda={coda!r} is invalid: choose {' or '.join(CODA_MODES)}")
+    stabilise["coda"] = coda
+    if return_logits not in (True, False, "targets"):
+        raise SleepzooError(f"return_logits={return_logits!r} is invalid: give True, False or 'targets'")
+    if return_logits == "targets" and targets is None:
+        raise SleepzooError("return_logits='targets' needs targets: the positions to compute logits at")
     _check_inputs(model, input_ids, targets)
     policy = resolve_eviction(eviction, window, sleep_every)
     mixers = model.mixers()
@@ -239,6 +326,7 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
     bounds = window_bounds(input_ids.shape[1], policy.chunk)
     use_ckpt = checkpoint and torch.is_grad_enabled()
     logits_parts: list[Tensor] = []
+    positions: list[Tensor] = []
     loss_total: Tensor | None = None
     num_targets = 0 if targets is None else int((targets != IGNORE_INDEX).sum())
     for c, (start, end) in enumerate(bounds):
@@ -249,8 +337,13 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
             tgt_c = None
         logits_c, loss_c, states = _chunk(model, ids_c, tgt_c, states, loops if more else 1, return_logits,
                                           policy.span, use_ckpt, stabilise)
-        if return_logits:
+        if return_logits is True:
             logits_parts.append(logits_c)
+        elif return_logits == "targets" and tgt_c is not None:
+            logits_parts.append(logits_c)
+            where = (tgt_c != IGNORE_INDEX).nonzero()  # (n_c, 2), row-major within the chunk
+            where[:, 1] += start
+            positions.append(where)
         if loss_c is not None:
             loss_total = loss_c if loss_total is None else loss_total + loss_c
         if more:
@@ -262,8 +355,15 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
         if num_targets == 0:
             raise SleepzooError("targets has no position != -100: nothing to take a loss on")
         loss = loss_total / num_targets
-    logits = torch.cat(logits_parts, dim=1) if return_logits else None
-    return SleepOutput(loss=loss, logits=logits, num_targets=num_targets, states=states)
+    logits, target_positions = None, None
+    if return_logits is True:
+        logits = torch.cat(logits_parts, dim=1)
+    elif return_logits == "targets":
+        where = torch.cat(positions)
+        order = (where[:, 0] * input_ids.shape[1] + where[:, 1]).argsort()  # chunk-major -> row-major
+        logits, target_positions = torch.cat(logits_parts)[order], where[order]
+    return SleepOutput(loss=loss, logits=logits, num_targets=num_targets, states=states,
+                       target_positions=target_positions)
 
 
 class Stream:
@@ -277,9 +377,12 @@ class Stream:
 
     def __init__(self, model: "SleepModel", *, window: int, loops: int, eviction: Any = "full_flush",
                  sleep_every: int | None = None, gate: bool = False, pass_norm: bool = False,
-                 truncate: int | None = None):
+                 truncate: int | None = None, coda: str = "sleep"):
         check_sleep_args(window, loops)
         self.stabilise = check_stabilisers(model, gate, pass_norm, truncate)  # truncate: no gradient here
+        if coda not in CODA_MODES:
+            raise SleepzooError(f"sleep.coda={coda!r} is invalid: choose {' or '.join(CODA_MODES)}")
+        self.stabilise["coda"] = coda
         self.model, self.loops = model, loops
         self.policy = resolve_eviction(eviction, window, sleep_every)
         self.mixers = model.mixers()
@@ -299,7 +402,7 @@ class Stream:
             if self.filled == self.policy.chunk:
                 self.sleep()
             take = min(self.policy.chunk - self.filled, ids.shape[1] - pos)
-            feats, logits, self.states = wake(self.model, ids[:, pos:pos + take], self.states, self.policy.span)
+            feats, _, logits, self.states = wake(self.model, ids[:, pos:pos + take], self.states, self.policy.span)
             self.feats.append(feats)
             out.append(logits)
             self.filled += take

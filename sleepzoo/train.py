@@ -602,7 +602,10 @@ class Precision:
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's blocks (``model.layers`` or ``model.model.layers``), FSDP's unit of sharding."""
+    """FSDP's units of sharding: the model's ``shard_units()`` (every distinct block once, registered under the
+    model: for Ouro the loop body, not its shared step), else ``model.layers`` or ``model.model.layers``."""
+    if hasattr(model, "shard_units"):
+        return list(model.shard_units())
     for owner in (model, getattr(model, "model", None)):
         layers = getattr(owner, "layers", None)
         if isinstance(layers, nn.ModuleList):
@@ -702,6 +705,43 @@ class _PlainTwin:
                 "state": {names[i]: v for i, v in state["state"].items()},
                 "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
                                  for group in state["param_groups"]]}, options=full)
+
+
+def _micro_batches(rows: int, size: int | None) -> list[tuple[int, int]]:
+    """[start, end) row ranges of at most ``size`` rows covering ``rows`` (one range when size is None)."""
+    size = rows if size is None or size >= rows else size
+    return [(s, min(s + size, rows)) for s in range(0, max(rows, 1), size)]
+
+
+def _accumulate(runner: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, micro: int | None,
+                total_targets: float, world: int, precision: "Precision", params: list[nn.Parameter]) -> torch.Tensor:
+    """Forward and backward of this rank's rows in micro-batches of ``micro`` rows (``train.micro_batch_size``),
+    gradients accumulating. Each micro-batch's mean loss is weighted by its share of the step's targets over all
+    ranks (times ``world``, which DDP/FSDP divide out), so the summed gradient is that of one batch. Only the
+    last backward synchronises gradients under DDP. Returns the rank's weighted loss (detached): the step's
+    mean loss on one process."""
+    ranges = _micro_batches(input_ids.shape[0], micro)
+    total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+    for i, (a, b) in enumerate(ranges):
+        tg = targets[a:b]
+        n = int((tg != IGNORE_INDEX).sum())
+        last = i + 1 == len(ranges)
+        if hasattr(runner, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last backward only
+            runner.set_requires_gradient_sync(last)
+        sync = contextlib.nullcontext() if last or not hasattr(runner, "no_sync") else runner.no_sync()
+        with sync:
+            if n == 0:  # no loss here; a zero that touches the parameters keeps DDP's reduction in step
+                if last and world > 1:
+                    precision.backward(sum(p.reshape(-1)[0] * 0.0 for p in params))
+                continue
+            with precision.autocast():
+                out = runner(input_ids[a:b], tg, return_logits=False)
+            if out.loss is None:
+                raise SleepzooError("the model returned no loss for a micro-batch with targets")
+            loss = out.loss.float() * distributed.loss_weight(n, total_targets, world)
+            precision.backward(loss)
+        total += loss.detach()
+    return total
 
 
 def _grad_norm(norm: torch.Tensor) -> float:
@@ -814,17 +854,12 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool) -> dict:
                 targets = batch["targets"][lo:hi].to(device)  # (B / world, T), -100 where no loss is taken
                 num_targets = int((targets != IGNORE_INDEX).sum())
                 total_targets = float(distributed.all_reduce_sum([num_targets])[0])
-                with precision.autocast():
-                    loss = runner(input_ids, targets).loss
-                if loss is None:
-                    raise SleepzooError(f"the model returned no loss at step {step + 1}: the {recipe.task.name} "
-                                        f"training batch has no targets")
-                loss = loss.float()
+                if total_targets == 0:
+                    raise SleepzooError(f"the {recipe.task.name} training batch of step {step + 1} has no targets")
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
-                if world > 1:  # alone, the loss is used as it is
-                    loss = loss * distributed.loss_weight(num_targets, total_targets, world)
-                precision.backward(loss)
+                loss = _accumulate(runner, input_ids, targets, scfg.micro_batch_size, total_targets, world,
+                                   precision, params)
                 precision.unscale(optimizers)
                 max_norm = scfg.grad_clip if scfg.grad_clip > 0 else math.inf
                 grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))

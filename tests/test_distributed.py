@@ -303,3 +303,61 @@ def test_fsdp_matches_one_process_and_resumes_on_one(runs, tmp_path):
     train(recipe, run, resume=True, progress=False)  # one process ignores train.parallel
     assert_same_curve(runs["one"], run)
     assert_same_weights(runs["one"] / "final" / "model.safetensors", run / "final" / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# micro-batches (gradient accumulation) and FSDP for every model (issue 11)
+
+
+def test_micro_batches_match_one_batch(runs, tmp_path):
+    """batch 6 as micro-batches of 4 + 2 (uneven) and of 1: the same loss curve and weights."""
+    for micro in (4, 1):
+        recipe = tiny_recipe(f"train.micro_batch_size={micro}")
+        run = tmp_path / f"micro{micro}"
+        train(recipe, run, progress=False)
+        assert_same_curve(runs["one"], run)
+        assert_same_weights(runs["one"] / "final" / "model.safetensors", run / "final" / "model.safetensors")
+    drop_after_step_2(run)  # a micro-batched run resumes exactly
+    train(tiny_recipe("train.micro_batch_size=1"), run, resume=True, progress=False)
+    assert_same_curve(runs["one"], run)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_micro_batches_under_torchrun_match_one_process(runs, tmp_path, parallel):
+    recipe = tiny_recipe(f"train.parallel={parallel}", "train.micro_batch_size=2")
+    yaml_path = tmp_path / "micro.yaml"
+    yaml_path.write_text(recipe.to_yaml())
+    run = tmp_path / "micro"
+    torchrun(yaml_path, run)  # 3 rows per rank, micro-batches of 2 + 1
+    assert_same_curve(runs["one"], run)
+    assert_same_weights(runs["one"] / "final" / "model.safetensors", run / "final" / "model.safetensors")
+
+
+OURO_TINY = {
+    "architectures": ["OuroForCausalLM"], "model_type": "ouro", "vocab_size": 41, "hidden_size": 16,
+    "intermediate_size": 24, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 4, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "total_ut_steps": 3, "early_exit_threshold": 1.0, "max_position_embeddings": 64, "torch_dtype": "float32",
+}
+
+
+@pytest.mark.parametrize("wake_passes,sleep_layers", [(1, None), (3, None), (1, [1, 3])],
+                         ids=["wake1", "wake3", "wake1-jet-layers"])
+def test_fsdp_trains_ouro_and_matches_one_process(tmp_path, wake_passes, sleep_layers):
+    model = {"name": "ouro", "hf_config": OURO_TINY, "wake_passes": wake_passes,
+             "mixers": {"jet": {"num_heads": 2, "head_dim": 4, "expand_v": 2.0, "dconv_generator_reduction": 2}}}
+    if sleep_layers is not None:
+        model["sleep_layers"] = sleep_layers
+    recipe = load_recipe({
+        "model": model, "sleep": {"window": 8, "loops": 2},
+        "task": {"name": "rule110", "steps": 1, "states": 2, "bits": 8},
+        "train": {"steps": 3, "batch_size": 4, "optimizer": "adamw", "adamw_lr": 0.003, "log_every": 1,
+                  "checkpoint_every": 0, "keep_checkpoints": 0, "threads": 1, "parallel": "fsdp"},
+        "eval": {"every": 0, "num_examples": 4, "batch_size": 4}})
+    train(recipe, tmp_path / "one", progress=False)
+    yaml_path = tmp_path / "ouro.yaml"
+    yaml_path.write_text(recipe.to_yaml())
+    torchrun(yaml_path, tmp_path / "two")
+    assert_same_curve(tmp_path / "one", tmp_path / "two")
+    assert_same_weights(tmp_path / "one" / "final" / "model.safetensors",
+                        tmp_path / "two" / "final" / "model.safetensors")

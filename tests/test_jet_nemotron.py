@@ -313,7 +313,18 @@ def test_loops_repeat_only_the_loop_range():
     assert [calls[i] for i in prelude] == [windows] * 2  # once per window
     # wake pass of every window + (loops - 1) sleep passes per consolidated window = loops per consolidated one
     assert [calls[i] for i in looped] == [consolidated * loops + (windows - consolidated)] * 3
-    assert [calls[i] for i in coda] == [windows]  # once per window, on the wake pass
+    # once per window on the wake pass, and once more after the sleep passes of a consolidated window (SPEC 1)
+    assert [calls[i] for i in coda] == [windows + consolidated]
+    calls[:] = [0] * len(model.layers)
+    hooks = [block.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, block in enumerate(model.layers)]
+    try:
+        with torch.no_grad():
+            model(ids(T=12), window=4, loops=3, coda="wake")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [calls[i] for i in coda] == [windows]  # sleep.coda: wake, the ablation: the wake pass only
 
 
 def test_bad_loop_range_and_builder():

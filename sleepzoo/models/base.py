@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,8 @@ class SleepModel(nn.Module):
 
     vocab_size: int
     loop_range: tuple[int, int]
+    #: forward(..., return_logits="targets") is understood (Task.evaluate then never builds (B, T, vocab))
+    supports_target_logits = True
     layers: nn.ModuleList
     lm_head: nn.Module
 
@@ -116,8 +118,34 @@ class SleepModel(nn.Module):
         """The vocabulary projection (Hugging Face's name), so optimizers can tell it from hidden weights."""
         return self.lm_head
 
+    # -- the engine's contract: the blocks before the loop, the looped blocks, the blocks after it ------------
+    @property
+    def prelude(self) -> Sequence[nn.Module]:
+        """Blocks run once per chunk before the loop (default: ``layers[:loop_range[0]]``)."""
+        return self.layers[: self.loop_range[0]]
+
+    @property
+    def loop(self) -> Sequence[nn.Module]:
+        """Blocks run once per pass: the wake pass, then each sleep pass (default: ``layers[lo:hi]``)."""
+        lo, hi = self.loop_range
+        return self.layers[lo:hi]
+
+    @property
+    def coda(self) -> Sequence[nn.Module]:
+        """Blocks after the loop: once on the wake pass (for the logits) and once after sleep (for their
+        fast weights). Default: ``layers[loop_range[1]:]``."""
+        return self.layers[self.loop_range[1]:]
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one (then the model as the root): each distinct block once."""
+        seen: dict[int, nn.Module] = {}
+        for block in [*self.prelude, *self.loop, *self.coda]:
+            seen.setdefault(id(block), block)
+        return list(seen.values())
+
     def mixers(self) -> list[nn.Module]:
-        return [block.self_attn for block in self.layers]
+        """One mixer per engine state slot, in the order of ``prelude + loop + coda``."""
+        return [block.self_attn for block in [*self.prelude, *self.loop, *self.coda]]
 
     def final_norm(self) -> nn.Module | None:
         """The norm before the head (``model.norm``), applied between passes under ``sleep.pass_norm``."""
@@ -128,26 +156,28 @@ class SleepModel(nn.Module):
         """Register ``sleep_gate``: one scalar per looped layer, zero (``sleep.gate``; see engine.consolidate).
         Called by :func:`sleepzoo.build_model` when the recipe (or one of its stages) turns the gate on."""
         if getattr(self, "sleep_gate", None) is None:
-            lo, hi = self.loop_range
             param = next(self.parameters())
-            self.sleep_gate = nn.Parameter(torch.zeros(hi - lo, dtype=torch.float32, device=param.device))
+            n = len(self.loop) + len(self.coda)  # one per looped and coda layer
+            self.sleep_gate = nn.Parameter(torch.zeros(n, dtype=torch.float32, device=param.device))
         return self.sleep_gate
 
     def _sleep_settings(self, window: int | None, loops: int | None, eviction: Any,
-                        sleep_every: int | None) -> dict:
+                        sleep_every: int | None, coda: str | None = None) -> dict:
         s = self.sleep
         return {"window": s.window if window is None else window, "loops": s.loops if loops is None else loops,
                 "eviction": s.eviction if eviction is None else eviction,
                 "sleep_every": s.sleep_every if sleep_every is None else sleep_every,
-                "gate": s.gate, "pass_norm": s.pass_norm}
+                "gate": s.gate, "pass_norm": s.pass_norm, "coda": s.coda if coda is None else coda}
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, *, window: int | None = None,
                 loops: int | None = None, eviction: Any = None, sleep_every: int | None = None,
-                checkpoint: bool | None = None, return_logits: bool = True) -> engine.SleepOutput:
+                checkpoint: bool | None = None, return_logits: bool | str = True,
+                coda: str | None = None) -> engine.SleepOutput:
         """Run the sleep engine over (B, T) tokens. ``window``, ``loops``, ``eviction``, ``sleep_every`` and
         ``checkpoint`` default to the recipe's ``sleep`` section; ``targets`` (B, T) hold -100 where no loss
-        is taken. ``.logits`` are every position's wake-pass logits."""
-        return engine.run(self, input_ids, targets, **self._sleep_settings(window, loops, eviction, sleep_every),
+        is taken. ``.logits`` are every position's wake-pass logits; ``return_logits=False`` computes the head at
+        the target positions only (training), ``"targets"`` returns those positions' logits (evaluation)."""
+        return engine.run(self, input_ids, targets, **self._sleep_settings(window, loops, eviction, sleep_every, coda),
                           checkpoint=self.sleep.checkpoint if checkpoint is None else checkpoint,
                           return_logits=return_logits, truncate=self.sleep.truncate)
 

@@ -384,9 +384,28 @@ class OuroLM(SleepModel):
         """The last wake step is the looped one: each sleep pass is one more Ouro step."""
         return (self.wake_passes - 1, self.wake_passes)
 
+    # The engine's contract: the wake pass is ``wake_passes`` Ouro steps; the last is the looped one, so the
+    # steps before it are the prelude, and there is no coda (the head follows the step's own norm).
+    @property
+    def prelude(self) -> list[nn.Module]:  # type: ignore[override]
+        return [self.step] * (self.wake_passes - 1)
+
+    @property
+    def loop(self) -> list[nn.Module]:  # type: ignore[override]
+        return [self.step]
+
+    @property
+    def coda(self) -> list[nn.Module]:  # type: ignore[override]
+        return []
+
+    def shard_units(self) -> list[nn.Module]:
+        """FSDP's units: each block of the loop body once (the original layers, then the inserted Jet
+        layers). The step itself is a view over them, not registered under the model, and is never sharded."""
+        return list(self.loop_body())
+
     def mixers(self) -> list[nn.Module]:
-        """Each engine layer is its own mixer for the engine: it carries and evicts its sub-layers' state."""
-        return list(self.layers)
+        """Each engine state slot is a step: it carries and evicts its sub-layers' state."""
+        return [self.step] * self.wake_passes
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.embed_tokens(input_ids)  # (B, T, d)

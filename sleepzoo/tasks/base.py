@@ -190,7 +190,8 @@ class Task:
     def _extra_metrics(self, predictions: torch.Tensor, data: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Task-specific metrics, added to :meth:`evaluate`'s result.
 
-        ``predictions`` is the argmax token at every position (LongTensor ``[n, T]``, on the CPU) and
+        ``predictions`` is the argmax token at every target position (LongTensor ``[n, T]``, on the CPU; -1 where
+        a sleepzoo model computed no logits because there is no target) and
         ``data`` the whole generated test split (``input_ids``, ``targets`` and any extras from
         :meth:`_build`). The base class adds nothing.
         """
@@ -330,6 +331,18 @@ class Task:
                 for start in range(0, n, bs):
                     ids = ids_all[start:start + bs].to(device)
                     tg = tg_all[start:start + bs].to(device)
+                    if getattr(model, "supports_target_logits", False) and bool((tg != IGNORE_INDEX).any()):
+                        # a sleepzoo model: the head at the target positions only, no (B, T, vocab) tensor
+                        out = model(ids, tg, window=window, loops=loops, return_logits="targets")
+                        rows, cols = out.target_positions[:, 0].cpu(), out.target_positions[:, 1].cpu()
+                        ce = F.cross_entropy(out.logits.float(), tg[rows.to(tg.device), cols.to(tg.device)],
+                                             reduction="none").double().cpu()
+                        example_loss[start:start + bs] = torch.zeros(ids.shape[0], dtype=torch.float64).index_add_(
+                            0, rows, ce)
+                        pred = torch.full(ids.shape, -1, dtype=predictions.dtype)  # -1: no target, no prediction
+                        pred[rows, cols] = out.logits.argmax(dim=-1).cpu()
+                        predictions[start:start + bs] = pred
+                        continue
                     out = model(ids, tg, window=window, loops=loops)
                     logits = out.logits
                     if logits.shape[:2] != ids.shape:
