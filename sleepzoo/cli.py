@@ -129,6 +129,12 @@ def eval_command(run_dir: str, num_examples: int | None, loops: int | None, wind
     console.print(f"wrote {path} and {png}")
 
 
+def _token(vocab: Sequence[str], i: int) -> str:
+    """Token ``i`` as text; an id past the task's vocabulary (a pretrained model's embedding is padded beyond
+    its tokenizer's, e.g. 151,936 rows for Qwen's 151,665 tokens) shows as ``<id i>``."""
+    return vocab[i] if 0 <= i < len(vocab) else f"<id {i}>"
+
+
 @main.command("generate")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--prompt", help="Space-separated tokens of the task's vocabulary [default: test examples, cut "
@@ -169,9 +175,9 @@ def generate_command(run_dir: str, prompt: str | None, num_prompts: int, max_new
                              temperature=temperature, top_k=top_k, generator=generator)
         new = out[0, ids.shape[1]:].tolist()
         click.echo(f"prompt ({ids.shape[1]} tokens): {task.decode(ids[0].tolist())}")
-        line = " ".join(task.vocab[i] for i in new)
+        line = " ".join(_token(task.vocab, i) for i in new)
         if expected is not None:
-            line += f"   (expected first token: {task.vocab[expected]})"
+            line += f"   (expected first token: {_token(task.vocab, expected)})"
         click.echo(f"  -> {line}")
 
 

@@ -247,6 +247,20 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+_DESCRIBED = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+              bool: ("true or false", "booleans"), type(None): ("null", "nulls")}
+
+
+def _describe(tp: Any) -> str:
+    """``int`` -> 'an integer', ``list[int]`` -> 'a list of integers': for error lines."""
+    if tp in _DESCRIBED:
+        return _DESCRIBED[tp][0]
+    if typing.get_origin(tp) is list:
+        (arm,) = typing.get_args(tp)[:1] or (Any,)
+        return f"a list of {_DESCRIBED[arm][1]}" if arm in _DESCRIBED else "a list"
+    return _type_name(tp)
+
+
 def coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted (int->float, '1e-4'->float)."""
     origin = typing.get_origin(tp)
@@ -259,7 +273,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
                 return coerce(value, arm, where)
             except RecipeError as exc:
                 errors.append(exc)
-        raise RecipeError(f"{where}: {value!r} is not a {_type_name(tp)}")
+        expected = " or ".join(_describe(arm) for arm in typing.get_args(tp))
+        raise RecipeError(f"{where}: expected {expected}, got {type(value).__name__} {value!r}")
     if tp is type(None):
         if value is None:
             return None

@@ -19,17 +19,19 @@ together, by name. sleepzoo never ships weights (Jet-Nemotron's are under a non-
 **Overrides** (keyword arguments of :func:`from_pretrained` and :func:`from_config`, :func:`allowed_overrides`):
 the sleep settings ``window``, ``loops``, ``eviction``, ``sleep_every``, ``checkpoint`` (see
 :class:`sleepzoo.config.SleepConfig`; default the published behaviour: a window of ``max_position_embeddings``
-tokens, one pass), and each model's own: Jet-Nemotron ``loop_start`` / ``loop_end`` (the looped blocks,
-default 7..20 of 28); Ouro ``wake_passes`` (loop steps of the wake pass, default ``total_ut_steps``),
-``sleep_layers`` (loop-body layers followed by an inserted Jet layer) and ``sleep_layer_options`` (their
-JetBlock sizes). An unknown name is an error that lists the allowed ones.
+tokens, one pass), the sleep stabilisers ``gate``, ``pass_norm``, ``coda``, and each model's own:
+Jet-Nemotron ``loop_start`` / ``loop_end`` (the looped blocks, default 7..20 of 28); Ouro ``wake_passes``
+(loop steps of the wake pass, default ``total_ut_steps``), ``sleep_layers`` (loop-body layers followed by an
+inserted Jet layer) and ``sleep_layer_options`` (their JetBlock sizes). An unknown name is an error that
+lists the allowed ones.
 
 **config.json's ``sleepzoo`` key.** :func:`save_pretrained` writes the settings of the model that differ from
-the published model's (sleep settings, loop range, wake_passes, inserted sleep layers) under ``"sleepzoo"``,
-by their override names; :func:`from_pretrained` applies them before the caller's overrides, so a saved model
-comes back as it was. The published Jet-Nemotron code ignores the key (Hugging Face configs keep unknown
-fields). An Ouro with inserted sleep layers can not be loaded by the published Ouro code (it has no such
-layers and would drop their weights); its folder has no ``auto_map``, so transformers refuses it.
+the published model's (sleep settings and stabilisers, loop range, wake_passes, inserted sleep layers) under
+``"sleepzoo"``, by their override names; :func:`from_pretrained` applies them before the caller's overrides,
+so a saved model comes back as it was. Folders are written atomically (:func:`replace_folder`). The
+published Jet-Nemotron code ignores the key (Hugging Face configs keep unknown fields). An Ouro with inserted
+sleep layers can not be loaded by the published Ouro code (it has no such layers and would drop their
+weights); its folder has no ``auto_map``, so transformers refuses it.
 """
 
 from __future__ import annotations
@@ -42,15 +44,17 @@ import json
 import os
 import re
 import shutil
+import stat
+import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .checkpoint import (CheckpointError, _listing, _save_tensors, _unique_state_dict, check_weight_names,
-                         save_weights)
+from .checkpoint import (CheckpointError, _fsync_dir, _fsync_file, _listing, _save_tensors, _unique_state_dict,
+                         check_weight_names, save_weights)
 from .config import ModelConfig, RecipeError, SleepConfig
 from .models.base import read_config_json
 from .registry import SleepzooError
@@ -86,6 +90,9 @@ def model_class(model_type: Any) -> type:
 SLEEPZOO_KEY = "sleepzoo"  # config.json's key for sleepzoo's own settings (see the module docstring)
 SLEEP_OVERRIDES = ("window", "loops", "eviction", "sleep_every", "checkpoint")  # SleepConfig's fields
 SAVED_SLEEP = ("window", "loops", "eviction", "sleep_every")  # what save_pretrained records (not checkpoint)
+# The sleep stabilisers (SleepConfig; truncate is training only): overrides too, recorded when not the default.
+STABILISERS = ("gate", "pass_norm", "coda")
+_SLEEP_NAMES = SLEEP_OVERRIDES + STABILISERS
 # Where the weights come from (the folder names are the ones the docs and recipes use).
 DOWNLOAD = {
     "jet_nemotron": "huggingface-cli download jet-ai/Jet-Nemotron-2B --local-dir ~/models/Jet-Nemotron-2B",
@@ -106,23 +113,23 @@ def _model_overrides(cls: type) -> tuple[str, ...]:
 
 def allowed_overrides(model_type: str) -> tuple[str, ...]:
     """The override names that :func:`from_pretrained` / :func:`from_config` accept for ``model_type``."""
-    return SLEEP_OVERRIDES + _model_overrides(model_class(model_type))
+    return SLEEP_OVERRIDES + _model_overrides(model_class(model_type)) + STABILISERS
 
 
 def _split_overrides(model_type: str, overrides: dict[str, Any], where: str) -> tuple[dict, dict]:
     """(sleep settings, model settings) of ``overrides``; an unknown name is an error listing the allowed."""
     cls = model_class(model_type)
     own = _model_overrides(cls)
-    unknown = sorted(k for k in overrides if k not in SLEEP_OVERRIDES and k not in own)
+    unknown = sorted(k for k in overrides if k not in _SLEEP_NAMES and k not in own)
     if unknown:
         others = {t: _model_overrides(model_class(t)) for t in MODEL_TYPES if t != model_type}
         hints = [f"{k} is {t}'s" for k in unknown for t, names in others.items() if k in names]
         hints += [f"did you mean {close[0]!r}?" for k in unknown
-                  for close in [difflib.get_close_matches(k, SLEEP_OVERRIDES + own, n=1, cutoff=0.6)] if close]
+                  for close in [difflib.get_close_matches(k, _SLEEP_NAMES + own, n=1, cutoff=0.6)] if close]
         raise SleepzooError(f"{where}: unknown override(s) {', '.join(unknown)} for model_type {model_type!r}"
                             + (f" ({'; '.join(hints)})" if hints else "")
-                            + f"; allowed: {', '.join(SLEEP_OVERRIDES + own)}")
-    sleep = {k: v for k, v in overrides.items() if k in SLEEP_OVERRIDES}
+                            + f"; allowed: {', '.join(SLEEP_OVERRIDES + own + STABILISERS)}")
+    sleep = {k: v for k, v in overrides.items() if k in _SLEEP_NAMES}
     return sleep, {k: v for k, v in overrides.items() if k in own}
 
 
@@ -148,8 +155,11 @@ def _sleep_config(base: SleepConfig, settings: dict[str, Any], where: str) -> Sl
     if every not in (None, sleep.window) and sleep.eviction == "full_flush":
         raise SleepzooError(f"{where}: sleep_every={every} needs eviction='sliding_window' (full_flush sleeps on "
                             f"whole windows)")
-    if not isinstance(sleep.checkpoint, bool):
-        raise SleepzooError(f"{where}: checkpoint={sleep.checkpoint!r} must be true or false")
+    for name in ("checkpoint", "gate", "pass_norm"):
+        if not isinstance(getattr(sleep, name), bool):
+            raise SleepzooError(f"{where}: {name}={getattr(sleep, name)!r} must be true or false")
+    if sleep.coda not in ("sleep", "wake"):
+        raise SleepzooError(f"{where}: coda={sleep.coda!r} must be 'sleep' or 'wake'")
     from . import registry
     registry.get("eviction", sleep.eviction)  # an unknown policy fails now, with the known names
     return sleep
@@ -162,7 +172,7 @@ def _stored_settings(config: dict, where: str, sleep: SleepConfig | None) -> dic
     if not isinstance(stored, dict):
         raise SleepzooError(f"{where}: {SLEEPZOO_KEY} must be a mapping of sleepzoo settings, got {stored!r}")
     if sleep is not None:
-        stored = {k: v for k, v in stored.items() if k not in SLEEP_OVERRIDES}
+        stored = {k: v for k, v in stored.items() if k not in _SLEEP_NAMES}
     return stored
 
 
@@ -197,7 +207,15 @@ def from_config(config: dict | str | Path, *, sleep: SleepConfig | None = None, 
     """
     data, path = read_config_json(published_config(config))
     stored = _stored_settings(data, str(path or "config"), sleep)
-    return _build(data, path, sleep=sleep, settings={**stored, **overrides})
+    model = _build(data, path, sleep=sleep, settings={**stored, **overrides})
+    return _with_gate(model, model.sleep.gate)
+
+
+def _with_gate(model: nn.Module, gate: bool) -> nn.Module:
+    """``model`` with its sleep gate parameter (``sleep.gate``: zero, see engine.consolidate) when ``gate``."""
+    if gate:
+        model.add_sleep_gate()
+    return model
 
 
 # The published models' config.json (architecture facts, no weights), so that their shapes can be built
@@ -320,15 +338,17 @@ def from_pretrained(folder: str | Path, *, dtype: Any = None, strict: bool = Tru
     where = weight_files(folder)
     # The architecture the files hold: the config and its stored settings; the caller's overrides come after
     # loading (an Ouro sleep layer they add is not in the files).
-    model = _load(lambda: _build(dict(config), config_path, sleep=sleep, settings=stored), where, dtype=dtype,
-                  strict=strict, device=device, source=f"weights in {str(folder)!r}")
+    # A saved sleep gate (sleep.gate) is a parameter of its own: built when the files hold one.
+    model = _load(lambda: _with_gate(_build(dict(config), config_path, sleep=sleep, settings=stored),
+                                     "sleep_gate" in where),
+                  where, dtype=dtype, strict=strict, device=device, source=f"weights in {str(folder)!r}")
     if overrides:
         _, model_settings = _split_overrides(config["model_type"], overrides, str(config_path))
         if model_settings:
             model.configure(**model_settings)
-        sleep_settings = {k: v for k, v in overrides.items() if k in SLEEP_OVERRIDES}
+        sleep_settings = {k: v for k, v in overrides.items() if k in _SLEEP_NAMES}
         model.sleep = _sleep_config(model.sleep, sleep_settings, str(config_path))
-    return model.eval()
+    return _with_gate(model, model.sleep.gate).eval()  # a gate not in the files starts at 0 (no change)
 
 
 def _load(build: Any, where: dict[str, Path], *, dtype: torch.dtype, strict: bool, device: str | torch.device,
@@ -435,28 +455,107 @@ def sleepzoo_settings(model: nn.Module) -> dict[str, Any]:
         published = published_sleep(config)
         if any(getattr(sleep, k) != getattr(published, k) for k in SAVED_SLEEP):
             out.update({k: getattr(sleep, k) for k in SAVED_SLEEP})
+        default = SleepConfig()
+        out.update({k: getattr(sleep, k) for k in STABILISERS if getattr(sleep, k) != getattr(default, k)})
     own = getattr(model, "sleepzoo_settings", None)
     if callable(own):
         out.update(own())
     return out
 
 
-def save_pretrained(model: nn.Module, folder: str | Path, *, max_shard_size: int | str | None = None) -> list[Path]:
-    """Write ``folder/config.json`` and the weights so that :func:`from_pretrained` rebuilds the same model.
+_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
+# Temporary names of earlier saves (this module's and sleepzoo.checkpoint's): never worth keeping.
+_STALE_TMP = re.compile(r"\.(tmp-.*|.*\.tmp)")
+T = TypeVar("T")
 
-    config.json is the model's ``hf_config`` with torch_dtype set to its weights' dtype and, when the model
-    differs from the published one (sleep settings, loop range, wake_passes, inserted sleep layers), those
-    settings under ``"sleepzoo"``. Weights go to ``model.safetensors`` (a tied weight once, under its first
-    name: no lm_head key when tied), or, above ``max_shard_size`` bytes (an int or "2GB"), to shards
-    ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json`` as Hugging Face writes them.
-    Weight files of an earlier save in the folder are replaced. Returns the files written.
+
+def own_output(name: str) -> bool:
+    """True for a file name that :func:`save_pretrained` writes (config.json, weights, shards, index): what a
+    save replaces. Everything else in the folder (a tokenizer, a README, a licence) is the user's and kept."""
+    return name in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) or bool(_SHARD.fullmatch(name) or _STALE_TMP.fullmatch(name))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` holding what ``src`` holds: a hard link where the file system allows it (no bytes copied),
+    else a copy (with its metadata); symbolic links stay links, folders are linked file by file."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=lambda a, b: _link_or_copy(Path(a), Path(b)))
+    else:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+def replace_folder(folder: str | Path, fill: Callable[[Path], T]) -> T:
+    """Write a folder atomically: ``fill(tmp)`` writes the new contents into a temporary folder beside
+    ``folder`` (same parent, ``.{name}.tmp-XXXXXXXX``), files of the old folder that are not sleepzoo's
+    outputs (:func:`own_output`) and that ``fill`` did not write are carried over (hard links, else copies),
+    everything is fsynced, and renames swap the folders: the old one aside (``.{name}.old-XXXXXXXX``), the new
+    one in, the old one removed. A reader sees the old folder or the new one, whole.
+
+    If ``fill`` or anything before the swap fails, the old folder is left exactly as it was and the temporary
+    one is removed. The old and the new weights are on disk together until the swap (hard links make the
+    carried files free). A symbolic link ``folder`` stays a link: the folder it points to is replaced.
+    Returns what ``fill`` returns.
     """
+    folder = Path(folder).expanduser()
+    if folder.is_symlink():
+        folder = folder.resolve()
+    folder = folder.absolute()
+    if folder.exists() and not folder.is_dir():
+        raise SleepzooError(f"{str(folder)!r} exists and is not a folder")
+    parent = folder.parent
+    tmp = parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # the umask's permissions, as a folder made by mkdir
+    except OSError as exc:
+        raise SleepzooError(f"can not write {str(folder)!r}: creating a temporary folder beside it failed "
+                            f"({exc})") from None
+    aside = None
+    try:
+        try:
+            result = fill(tmp)
+            written = [p for p in tmp.iterdir() if p.is_file()]
+            if folder.is_dir():
+                os.chmod(tmp, stat.S_IMODE(folder.stat().st_mode))
+                for entry in sorted(folder.iterdir()):
+                    if not own_output(entry.name) and not os.path.lexists(tmp / entry.name):
+                        _link_or_copy(entry, tmp / entry.name)
+            for path in written:
+                _fsync_file(path)
+            _fsync_dir(tmp)
+            if folder.is_dir():
+                aside = parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(folder, aside)
+                try:
+                    os.rename(tmp, folder)
+                except BaseException:
+                    os.rename(aside, folder)
+                    raise
+            else:
+                os.rename(tmp, folder)
+        except OSError as exc:  # a full disk, a permission: not a bug, one line
+            raise SleepzooError(f"writing {str(folder)!r} failed ({type(exc).__name__}: {exc}); the folder was "
+                                f"left as it was") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return result
+
+
+def hf_config_for(model: nn.Module) -> dict[str, Any]:
+    """The config.json that :func:`save_pretrained` writes for ``model`` (see there)."""
     config = getattr(model, "hf_config", None)
     if not isinstance(config, dict):
         raise SleepzooError(f"{type(model).__name__} has no hf_config (the config it was built from): only "
                             f"jet_nemotron and ouro models can be saved in the Hugging Face layout")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in config.items() if k != SLEEPZOO_KEY}
     dtypes = {p.dtype for p in model.parameters()}
     if len(dtypes) == 1:
@@ -469,15 +568,17 @@ def save_pretrained(model: nn.Module, folder: str | Path, *, max_shard_size: int
         # The published Ouro code has no sleep layers: without auto_map transformers refuses the folder
         # instead of loading it and silently dropping their weights.
         config.pop("auto_map", None)
+    return config
+
+
+def _write_hf_files(model: nn.Module, folder: Path, config: dict[str, Any], limit: int | None) -> list[str]:
+    """config.json and the weights (one file or shards + index) into ``folder``; the names written."""
     tensors = _unique_state_dict(model)
     sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
-    limit = None if max_shard_size is None else parse_size(max_shard_size)
-    for old in [folder / INDEX_NAME, folder / WEIGHTS_NAME, *folder.glob("model-*-of-*.safetensors")]:
-        old.unlink(missing_ok=True)
-    written: list[Path] = []
+    written: list[str] = []
     if limit is None or sum(sizes.values()) <= limit:
-        save_weights(model, folder / WEIGHTS_NAME)  # atomic; ties stored once
-        written.append(folder / WEIGHTS_NAME)
+        save_weights(model, folder / WEIGHTS_NAME)  # ties stored once
+        written.append(WEIGHTS_NAME)
     else:
         shards: list[list[str]] = [[]]
         used = 0
@@ -490,22 +591,37 @@ def save_pretrained(model: nn.Module, folder: str | Path, *, max_shard_size: int
         n = len(shards)
         weight_map = {}
         for i, names in enumerate(shards, start=1):
-            file = folder / f"model-{i:05d}-of-{n:05d}.safetensors"
-            tmp = folder / f".{file.name}.tmp"
-            _save_tensors({k: tensors[k] for k in names}, tmp, metadata={"format": "pt"})
-            os.replace(tmp, file)
-            weight_map.update({k: file.name for k in names})
+            file = f"model-{i:05d}-of-{n:05d}.safetensors"
+            _save_tensors({k: tensors[k] for k in names}, folder / file, metadata={"format": "pt"})
+            weight_map.update({k: file for k in names})
             written.append(file)
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-        tmp = folder / f".{INDEX_NAME}.tmp"
-        tmp.write_text(json.dumps(index, indent=2) + "\n")
-        os.replace(tmp, folder / INDEX_NAME)
-        written.append(folder / INDEX_NAME)
-    tmp = folder / f".{CONFIG_NAME}.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, folder / CONFIG_NAME)
-    written.append(folder / CONFIG_NAME)
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        written.append(INDEX_NAME)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    written.append(CONFIG_NAME)
     return written
+
+
+def save_pretrained(model: nn.Module, folder: str | Path, *, max_shard_size: int | str | None = None) -> list[Path]:
+    """Write ``folder/config.json`` and the weights so that :func:`from_pretrained` rebuilds the same model.
+
+    config.json is the model's ``hf_config`` with torch_dtype set to its weights' dtype and, when the model
+    differs from the published one (sleep settings, loop range, wake_passes, inserted sleep layers), those
+    settings under ``"sleepzoo"``. Weights go to ``model.safetensors`` (a tied weight once, under its first
+    name: no lm_head key when tied), or, above ``max_shard_size`` bytes (an int or "2GB"), to shards
+    ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json`` as Hugging Face writes them.
+
+    The folder is written whole beside the target and renamed into place (:func:`replace_folder`): a save
+    that fails leaves an existing folder as it was; one that succeeds replaces its config and weight files
+    (stale shards of an earlier save included) and keeps the user's other files (tokenizer, README, ...).
+    Returns the files written.
+    """
+    config = hf_config_for(model)
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
+    folder = Path(folder)
+    names = replace_folder(folder, lambda tmp: _write_hf_files(model, tmp, config, limit))
+    return [folder / name for name in names]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -526,12 +642,124 @@ def _run_weights(run: Path) -> tuple[Path, int | None]:
     return ckpt / WEIGHTS_NAME, int(ckpt.name.split("_")[1])
 
 
-def _load_run(run: Path, dtype: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a run directory with its newest weights, without reading the pretrained folder's weights
-    (the architecture comes from the recipe: the folder's config.json, or the published one if it is gone)."""
-    import sleepzoo
+# A run's copy of the files it reads besides the weights, so that eval, generate and convert work from the
+# run directory alone: config.json and the tokenizer/generation/licence files of model.pretrained (or the
+# model.hf_config file), and a task.tokenizer given as a path (tokenizer/tokenizer.json).
+RUN_MODEL_DIR = "pretrained"
+RUN_TOKENIZER_DIR = "tokenizer"
+
+
+def _hf_config_file(recipe: Any) -> Path | None:
+    """The config.json file ``model.hf_config`` names, when it names one (not a dict or a shipped config)."""
+    hf = recipe.model.hf_config
+    if not isinstance(hf, str) or published_config(hf) != hf:
+        return None
+    path = Path(hf).expanduser()
+    return path / CONFIG_NAME if path.is_dir() else path
+
+
+def _task_tokenizer_file(recipe: Any) -> Path | None:
+    spec = recipe.task.options.get("tokenizer")
+    if not isinstance(spec, str) or spec == "builtin":
+        return None
+    path = Path(spec).expanduser()
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+def keep_model_files(run: str | Path, recipe: Any) -> list[str]:
+    """Copy into the run directory what its model and task read besides the weights (see
+    :data:`RUN_MODEL_DIR`), once: a copy that exists is the one the run started with and is kept. Sources
+    that are not there (a folder not downloaded yet) are skipped. Returns the files copied."""
+    run = Path(run)
+    copied: list[str] = []
+    model_dir = run / RUN_MODEL_DIR
+    if not model_dir.exists():
+        files: dict[str, Path] = {}
+        if recipe.model.pretrained is not None:
+            folder = Path(recipe.model.pretrained).expanduser()
+            files = {name: folder / name for name in (CONFIG_NAME, *SIDE_FILES) if (folder / name).is_file()}
+            if CONFIG_NAME not in files:
+                files = {}
+        elif (config := _hf_config_file(recipe)) is not None and config.is_file():
+            files = {CONFIG_NAME: config}
+        if files:
+            def fill(tmp: Path) -> None:
+                for name, path in files.items():
+                    shutil.copyfile(path, tmp / name)
+            replace_folder(model_dir, fill)
+            copied += [f"{RUN_MODEL_DIR}/{name}" for name in files]
+    tokenizer = _task_tokenizer_file(recipe)
+    if tokenizer is not None and tokenizer.is_file() and not (run / RUN_TOKENIZER_DIR).exists():
+        replace_folder(run / RUN_TOKENIZER_DIR, lambda tmp: shutil.copyfile(tokenizer, tmp / "tokenizer.json"))
+        copied.append(f"{RUN_TOKENIZER_DIR}/tokenizer.json")
+    return copied
+
+
+def run_recipe(run: str | Path, recipe: Any, *, task: bool = True) -> Any:
+    """``recipe`` (a run's own) reading the run's copies (:func:`keep_model_files`) instead of the original
+    folder and files, where the run has them. Such a recipe builds the model on the meta device only (the
+    copy holds no weights): the weights come from the run. With ``task`` (the recipe will build its task), a
+    run without copies whose pretrained folder is gone, and whose task would take its tokenizer from that
+    folder, is an error: the builtin tokenizer standing in would give other token ids than the model knows."""
+    import dataclasses
 
     from . import registry
+
+    run = Path(run)
+    model, section = recipe.model, recipe.task
+    copy = run / RUN_MODEL_DIR / CONFIG_NAME
+    if model.pretrained is not None:
+        if copy.is_file():
+            model = dataclasses.replace(model, pretrained=str(copy.parent))
+        elif task and not Path(model.pretrained).expanduser().is_dir() and "tokenizer" not in section.options \
+                and "tokenizer" in inspect.signature(registry.get("task", section.name)).parameters:
+            raise SleepzooError(
+                f"{str(run)!r}: its model.pretrained folder {model.pretrained!r} is gone and the run holds no copy "
+                f"of its config.json and tokenizer.json in {RUN_MODEL_DIR}/ (runs trained before sleepzoo kept "
+                f"one); put the folder back or copy those files to {str(run / RUN_MODEL_DIR)!r}")
+    elif _hf_config_file(recipe) is not None and copy.is_file():
+        model = dataclasses.replace(model, hf_config=str(copy))
+    tokenizer = run / RUN_TOKENIZER_DIR / "tokenizer.json"
+    if _task_tokenizer_file(recipe) is not None and tokenizer.is_file():
+        section = dataclasses.replace(section, options={**section.options, "tokenizer": str(tokenizer)})
+    return dataclasses.replace(recipe, model=model, task=section)
+
+
+def load_run_model(run: str | Path, recipe: Any, weights: str | Path, *, dtype: Any = torch.float32,
+                   vocab_size: int | None = None) -> nn.Module:
+    """A run's jet_nemotron or ouro model with ``weights`` (its final or a checkpoint's), built on the meta
+    device from the run's copy of its config (:func:`run_recipe`) and filled from ``weights`` alone: the
+    pretrained folder's weights are never read and the folder need not exist. The model has the last stage's
+    sleep settings (the weights are that stage's) and ``recipe`` as its recipe."""
+    from . import registry
+
+    local = run_recipe(run, recipe, task=False)
+    sleep = local.stage_recipes()[-1][1].sleep
+    builder = registry.get("model", local.model.name)
+    gate = local.sleep.gate or any(stage.sleep.get("gate") for stage in local.stages)
+
+    def build() -> nn.Module:
+        model = builder(local.model, vocab_size=vocab_size, sleep=sleep)
+        if gate:
+            model.add_sleep_gate()
+        return model
+
+    weights = Path(weights)
+    with safe_open(str(weights), framework="pt") as f:
+        names = list(f.keys())
+    model = _load(build, {n: weights for n in names}, dtype=_resolve_dtype(dtype, {}), strict=True, device="cpu",
+                  source=f"weights {str(weights)!r}")
+    model.sleep = sleep
+    model.recipe = recipe
+    return model
+
+
+def _load_run(run: Path, dtype: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a run directory with its newest weights, without reading the pretrained folder's weights
+    (the architecture comes from the run's copy of its config.json, else the recipe's folder, or the published
+    one if that is gone)."""
+    import sleepzoo
+
     from .config import load_recipe
 
     recipe = load_recipe(run / "recipe.yaml")
@@ -542,19 +770,10 @@ def _load_run(run: Path, dtype: Any) -> tuple[nn.Module, dict[str, Any]]:
     vocab = None
     if recipe.model.pretrained is None and recipe.model.hf_config is None:
         vocab = sleepzoo.build_task(recipe).vocab_size  # a model built from scratch takes the task's vocabulary
-    sleep = recipe.stage_recipes()[-1][1].sleep  # the weights are the last stage's: its sleep settings
-    builder = registry.get("model", recipe.model.name)
-
-    def build() -> nn.Module:
-        return builder(recipe.model, vocab_size=vocab, sleep=sleep)
-
-    with safe_open(str(file), framework="pt") as f:
-        names = list(f.keys())
-    where = {n: file for n in names}
-    model = _load(build, where, dtype=_resolve_dtype(dtype or "float32", {}), strict=True, device="cpu",
-                  source=f"weights {str(file)!r}")
+    model = load_run_model(run, recipe, file, dtype=dtype or "float32", vocab_size=vocab)
     info = {"source": "run", "weights": str(file), "step": step, "pretrained": recipe.model.pretrained,
-            "tokenizer": recipe.task.options.get("tokenizer")}
+            "tokenizer": recipe.task.options.get("tokenizer"),
+            "copies": [str(run / RUN_TOKENIZER_DIR), str(run / RUN_MODEL_DIR)]}
     return model.eval(), info
 
 
@@ -581,7 +800,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: Any = None, max_shard_si
     limit = None if max_shard_size is None else parse_size(max_shard_size)
     if (src / "recipe.yaml").is_file():
         model, info = _load_run(src, dtype)
-        side_dirs = [Path(p).expanduser() for p in (info["tokenizer"], info["pretrained"])
+        side_dirs = [Path(p).expanduser() for p in (info["tokenizer"], info["pretrained"], *info.pop("copies"))
                      if isinstance(p, str) and p != "builtin"]
     elif (src / CONFIG_NAME).is_file():
         model = from_pretrained(src, dtype=dtype)
@@ -590,16 +809,22 @@ def convert(src: str | Path, dst: str | Path, *, dtype: Any = None, max_shard_si
     else:
         raise SleepzooError(f"convert: {str(src)!r} is neither a sleepzoo run directory (recipe.yaml) nor a "
                             f"Hugging Face folder (config.json + safetensors)")
-    written = save_pretrained(model, dst, max_shard_size=limit)
-    copied = []
-    for directory in side_dirs:
-        directory = directory.parent if directory.is_file() else directory
-        if not directory.is_dir():
-            continue
-        for name in SIDE_FILES:
-            if (directory / name).is_file() and not (dst / name).exists():
-                shutil.copyfile(directory / name, dst / name)
-                copied.append(name)
+    config = hf_config_for(model)
+    copied: list[str] = []
+
+    def fill(tmp: Path) -> list[str]:
+        names = _write_hf_files(model, tmp, config, limit)
+        for directory in side_dirs:
+            directory = directory.parent if directory.is_file() else directory
+            if not directory.is_dir():
+                continue
+            for name in SIDE_FILES:  # a file DST already holds is the user's: it is carried over instead
+                if (directory / name).is_file() and not (tmp / name).exists() and not (dst / name).exists():
+                    shutil.copyfile(directory / name, tmp / name)
+                    copied.append(name)
+        return names
+
+    written = [dst / name for name in replace_folder(dst, fill)]
     params = {id(p): p.numel() for p in model.parameters()}
     return {**info, "dst": str(dst), "files": [str(p) for p in written], "copied": copied,
             "parameters": sum(params.values()), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

@@ -11,6 +11,8 @@ A run directory holds
     metrics.jsonl                  one JSON object a line: train lines every ``log_every`` steps, eval lines
     checkpoints/step_XXXXXXX/      the newest ``keep_checkpoints`` checkpoints (see sleepzoo.checkpoint)
     final/model.safetensors        the weights after the last step
+    pretrained/, tokenizer/        copies of model.pretrained's config.json and tokenizer files (no weights) and
+                                   of a task.tokenizer file, so eval / generate / convert need the run alone
     eval.json                      the final evaluation, with its step, loops and window
 
 Determinism (SPEC 4, "every N sees the same data order"): torch is seeded with ``train.seed`` right before the
@@ -70,6 +72,7 @@ from .checkpoint import (atomic_write_json, atomic_write_text, capture_rng, late
                          load_weights, read_metadata, restore_rng, save_checkpoint, save_weights)
 from .config import Recipe, RecipeError, TrainConfig, load_recipe
 from .engine import IGNORE_INDEX
+from .pretrained import MODEL_TYPES, keep_model_files, load_run_model, run_recipe
 from .registry import SleepzooError
 from .report import HEADLINE, format_value
 
@@ -454,6 +457,7 @@ def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool) -> None:
         if latest_checkpoint(out / "checkpoints") is None:
             raise SleepzooError(f"cannot resume {str(out)!r}: it has no complete checkpoint yet "
                                 f"(checkpoints/ is empty); start it again without --resume")
+        keep_model_files(out, recipe)  # a run started before runs kept them
         return
     if latest_checkpoint(out / "checkpoints") is not None or (out / "final").exists():
         raise SleepzooError(f"{str(out)!r} already holds a run; pass --resume to continue it, "
@@ -465,6 +469,7 @@ def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool) -> None:
             (out / stale).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, recipe.to_yaml())
+    keep_model_files(out, recipe)  # eval, generate and convert then need the run directory alone
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -721,6 +726,9 @@ def _accumulate(runner: nn.Module, input_ids: torch.Tensor, targets: torch.Tenso
     last backward synchronises gradients under DDP. Returns the rank's weighted loss (detached): the step's
     mean loss on one process."""
     ranges = _micro_batches(input_ids.shape[0], micro)
+    inner = getattr(runner, "module", runner)  # under DDP, the model it wraps
+    # sleepzoo models compute the head at the target positions only; other models are called as they were
+    kwargs = {"return_logits": False} if getattr(inner, "supports_target_logits", False) else {}
     total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
     for i, (a, b) in enumerate(ranges):
         tg = targets[a:b]
@@ -735,7 +743,7 @@ def _accumulate(runner: nn.Module, input_ids: torch.Tensor, targets: torch.Tenso
                     precision.backward(sum(p.reshape(-1)[0] * 0.0 for p in params))
                 continue
             with precision.autocast():
-                out = runner(input_ids[a:b], tg, return_logits=False)
+                out = runner(input_ids[a:b], tg, **kwargs)
             if out.loss is None:
                 raise SleepzooError("the model returned no loss for a micro-batch with targets")
             loss = out.loss.float() * distributed.loss_weight(n, total_targets, world)
@@ -952,7 +960,6 @@ def load_run(run_dir: str | Path) -> tuple[Recipe, nn.Module, Task, int]:
         raise SleepzooError(f"{str(run)!r} is not a run directory (no recipe.yaml); "
                             f"`sleepzoo train` writes one")
     recipe = load_recipe(saved)
-    model, task = build(recipe)
     final = run / "final" / "model.safetensors"
     if final.is_file():
         weights, step = final, int(read_metadata(final).get("step", recipe.train.steps))
@@ -961,6 +968,13 @@ def load_run(run_dir: str | Path) -> tuple[Recipe, nn.Module, Task, int]:
         if ckpt is None:
             raise SleepzooError(f"{str(run)!r} has no weights yet (no final/model.safetensors and no checkpoint)")
         weights, step = ckpt / "model.safetensors", int(ckpt.name.split("_")[1])
+    if recipe.model.name in MODEL_TYPES:
+        # A pretrained architecture: built on the meta device from the run's copy of its config and filled
+        # from the run's weights alone, so neither the pretrained folder nor its weights are read.
+        task = sleepzoo.build_task(run_recipe(run, recipe))
+        model = load_run_model(run, recipe, weights, vocab_size=task.vocab_size)
+        return recipe, model, task, step
+    model, task = build(recipe)
     load_weights(model, weights)
     if recipe.stages:  # the weights are the last stage's: run them with its sleep settings
         model.sleep = recipe.stage_recipes()[-1][1].sleep

@@ -6,6 +6,9 @@ inserted sleep layers."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -386,3 +389,174 @@ def test_published_configs_ship_and_build_by_name():
             model = sleepzoo.from_config(name)
         seen = {id(p): p.numel() for p in model.parameters()}  # tied weights once
         assert sum(seen.values()) == count, name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# atomic folder writes, and runs that need nothing but their own directory
+
+
+def tree(folder: Path) -> dict[str, bytes | str]:
+    """Every entry under ``folder``: file bytes, link targets, folders (byte-level snapshot)."""
+    out: dict[str, bytes | str] = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        out[key] = (f"-> {os.readlink(path)}" if path.is_symlink() else "<dir>" if path.is_dir()
+                    else path.read_bytes())
+    return out
+
+
+def user_files(folder: Path) -> None:
+    """What a user keeps next to the weights: a tokenizer, a README, a folder of notes, a link."""
+    write_tokenizer(folder / "tokenizer.json")
+    (folder / "README.md").write_text("# my model\n")
+    (folder / "notes").mkdir()
+    (folder / "notes" / "eval.txt").write_text("op6 0.81\n")
+    (folder / "latest").symlink_to("README.md")
+
+
+class DiskFull(OSError):
+    pass
+
+
+@pytest.mark.parametrize("shards", [None, 4000], ids=["single", "sharded"])
+@pytest.mark.parametrize("error", [DiskFull(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["oserror", "interrupt"])
+def test_a_save_that_fails_mid_write_leaves_the_old_folder_byte_identical(tmp_path, monkeypatch, shards, error):
+    from safetensors.torch import save_file as real_save
+
+    from sleepzoo import checkpoint
+
+    old = randomize(from_config(JET), seed=1)
+    folder = tmp_path / "jet"
+    save_pretrained(old, folder, max_shard_size=4000)
+    user_files(folder)
+    os.chmod(folder, 0o750)
+    before, mode = tree(folder), folder.stat().st_mode
+    calls = []
+
+    def failing(tensors, path, metadata=None):  # writes a partial file, the second time fails
+        calls.append(path)
+        if len(calls) == 2 or shards is None:
+            Path(path).write_bytes(b"partial")
+            raise error
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", failing)
+    new = randomize(from_config(JET), seed=2)
+    expected = SleepzooError if isinstance(error, OSError) else type(error)
+    with pytest.raises(expected) as info:
+        save_pretrained(new, folder, max_shard_size=shards)
+    if expected is SleepzooError:
+        assert "No space left on device" in str(info.value) and "left as it was" in str(info.value)
+        assert "\n" not in str(info.value)
+    assert all(str(p).startswith(str(tmp_path / ".jet.tmp-")) for p in calls)  # written beside, not in place
+    assert tree(folder) == before and folder.stat().st_mode == mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jet"]  # no temporary folder left
+    monkeypatch.undo()
+    x = ids()
+    assert torch.equal(logits(from_pretrained(folder), x), logits(old, x))
+
+
+def test_a_successful_save_replaces_the_weights_and_keeps_the_users_files(tmp_path):
+    old = randomize(from_config(JET), seed=1)
+    target = tmp_path / "real" / "jet"
+    save_pretrained(old, target, max_shard_size=4000)
+    user_files(target)
+    os.chmod(target, 0o750)
+    (tmp_path / "link").symlink_to(target)
+    mine = {k: v for k, v in tree(target).items() if not k.startswith("model") and k != "config.json"}
+    new = randomize(from_config(JET), seed=2)
+    written = save_pretrained(new, tmp_path / "link")  # through a link: the folder it points to is replaced
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "link").resolve() == target
+    assert sorted(p.name for p in written) == ["config.json", "model.safetensors"]
+    after = tree(target)
+    assert {k: v for k, v in after.items() if k in mine} == mine  # tokenizer, README, notes/, the link
+    assert set(after) == set(mine) | {"config.json", "model.safetensors"}  # stale shards and index gone
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750
+    assert sorted(p.name for p in target.parent.iterdir()) == ["jet"]
+    x = ids()
+    assert torch.equal(logits(from_pretrained(target), x), logits(new, x))
+    assert not torch.equal(logits(new, x), logits(old, x))
+    # carried files are hard links of the old ones where possible: no bytes copied, same contents
+    assert (target / "README.md").stat().st_nlink == 1  # the old folder is gone, its links with it
+
+
+def test_convert_force_keeps_the_users_files_and_their_tokenizer(tmp_path):
+    write_folder(tmp_path / "src", OURO, seed=4, tokenizer=True)
+    (tmp_path / "src" / "generation_config.json").write_text('{"max_new_tokens": 5}')
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "tokenizer.json").write_text("the user's own")
+    (dst / "README.md").write_text("mine")
+    from sleepzoo.cli import main
+
+    result = CliRunner().invoke(main, ["convert", str(tmp_path / "src"), str(dst), "--force", "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert (dst / "tokenizer.json").read_text() == "the user's own" and (dst / "README.md").read_text() == "mine"
+    assert (dst / "generation_config.json").read_text() == '{"max_new_tokens": 5}'  # copied: DST had none
+    assert "copied: generation_config.json" in result.output
+    assert {p.dtype for p in from_pretrained(dst).parameters()} == {torch.bfloat16}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+
+
+def gsm_recipe(kind: str, folder: Path) -> dict:
+    task = {"name": "gsm_infinite", "min_op": 1, "max_op": 2, "min_tokens": 60, "max_tokens": 80, "test_per_op": 2}
+    if kind == "jet":
+        model = {"name": "jet_nemotron", "pretrained": str(folder), "loop_start": 1, "loop_end": 4}
+    else:  # a retrofitted Ouro with the sleep gate: parameters the pretrained folder does not have
+        model = {"name": "ouro", "pretrained": str(folder), "sleep_layers": [1, 3], "wake_passes": 1,
+                 "mixers": {"jet": SMALL_JET}}
+    return recipe_dict(model, task=task, sleep={"window": 32, "loops": 2, "gate": kind == "ouro"},
+                       train={"steps": 2, "batch_size": 2, "optimizer": "muon", "muon_lr": 1e-2, "adamw_lr": 1e-2,
+                              "log_every": 1, "checkpoint_every": 0, "warmup_steps": 0},
+                       eval={"every": 0, "num_examples": 4, "batch_size": 4})
+
+
+@pytest.mark.parametrize("kind", ["jet", "ouro"])
+def test_eval_and_generate_of_a_pretrained_run_need_only_the_run_directory(tmp_path, kind):
+    from sleepzoo.cli import main
+    from sleepzoo.train import load_run, train
+
+    folder = tmp_path / "base"
+    write_folder(folder, JET if kind == "jet" else OURO, tokenizer=True)
+    recipe = sleepzoo.load_recipe(gsm_recipe(kind, folder))
+    run = tmp_path / "run"
+    trained = train(recipe, run, progress=False)
+    assert sorted(p.name for p in (run / "pretrained").iterdir()) == ["config.json", "tokenizer.json"]  # no weights
+    assert (run / "pretrained" / "config.json").read_bytes() == (folder / "config.json").read_bytes()
+    _, with_folder, task_before, _ = load_run(run)
+    folder.rename(tmp_path / "elsewhere")  # the pretrained folder is gone
+
+    _, model, task, step = load_run(run)
+    assert step == 2 and task.vocab == task_before.vocab and task.vocab_size == 33  # the folder's tokenizer
+    final = load_file(str(run / "final" / "model.safetensors"))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in final.items())
+    x = ids(vocab=33, T=40)
+    assert torch.equal(logits(model, x), logits(with_folder, x))
+    result = CliRunner().invoke(main, ["eval", str(run)])
+    assert result.exit_code == 0, result.output
+    again = json.loads((run / "eval.json").read_text())
+    assert again["exact_accuracy"] == trained["exact_accuracy"] and again["loss"] == pytest.approx(trained["loss"],
+                                                                                                 rel=1e-6)
+    result = CliRunner().invoke(main, ["generate", str(run), "-n", "1", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert "Question" in result.output and "->" in result.output
+    summary = convert(run, tmp_path / "hf")  # convert, too, from the run alone
+    assert "tokenizer.json" in summary["copied"]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["sleepzoo"].get("gate") is (
+        True if kind == "ouro" else None)  # the sleep gate is recorded, and its parameter saved
+    assert torch.equal(logits(from_pretrained(tmp_path / "hf"), x), logits(model, x))
+
+    # a run from before runs kept their copies: one clear line, not the builtin tokenizer standing in
+    shutil.rmtree(run / "pretrained")
+    result = CliRunner().invoke(main, ["eval", str(run)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "model.pretrained folder" in result.output and "put the folder back" in result.output
+
+
+def test_generate_shows_ids_past_the_tokenizers_vocabulary():
+    """A pretrained embedding is padded past its tokenizer (Jet: 151,936 rows, 151,665 tokens)."""
+    from sleepzoo.cli import _token
+
+    assert [_token(["a", "b"], i) for i in (0, 1, 2, 151_000)] == ["a", "b", "<id 2>", "<id 151000>"]

@@ -145,7 +145,7 @@ BAD_STAGES = [  # (overrides of staged_recipe, expected fragments of the message
     pytest.param(["stages.1.sleep.loops=[2]"], ["stages[1] (main).sleep.loops", "expected an integer"],
                  id="wrong-type-sleep"),
     pytest.param(["stages.warmup.train.trainable=up.*"],
-                 ["stages[0] (warmup).train.trainable", "is not a list[str] | None"], id="wrong-type-trainable"),
+                 ["stages[0] (warmup).train.trainable", "expected a list of strings or null"], id="wrong-type-trainable"),
     pytest.param(["stages.0.steps=0"], ["stages[0] (warmup).steps", ">= 1"], id="zero-steps"),
     pytest.param(["stages.1.sleep.loops=0"], ["stages[1] (main): sleep.loops", ">= 1"], id="range-loops"),
     pytest.param(["stages.0.sleep.sleep_every=3"], ["stages[0] (warmup): sleep.sleep_every", "full_flush"],
