@@ -667,8 +667,9 @@ class _PlainTwin:
             p.requires_grad_(name in stage_params)
         self.optimizers = build_optimizers(self.model, cfg)
         names = _first_names(self.model)
-        self.order = [[names[id(p)] for p in group["params"]] for opt in self.optimizers
-                      for group in opt.param_groups]
+        # per optimizer, its parameters' names in the order of its state dict's indices (groups concatenated)
+        self.order = [[names[id(p)] for group in opt.param_groups for p in group["params"]]
+                      for opt in self.optimizers]
         return self.optimizers
 
     def gather(self, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
@@ -703,9 +704,8 @@ class _PlainTwin:
 
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, self.model.state_dict(), options=full)
-        for twin, opt in zip(self.optimizers, optimizers):
-            state = twin.state_dict()
-            names = [n for group in self.order for n in group]
+        for twin, opt, names in zip(self.optimizers, optimizers, self.order):
+            state = twin.state_dict()  # indices count this optimizer's parameters only
             set_optimizer_state_dict(model, opt, {
                 "state": {names[i]: v for i, v in state["state"].items()},
                 "param_groups": [{**group, "params": [names[i] for i in group["params"]]}

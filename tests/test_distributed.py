@@ -333,6 +333,22 @@ def test_micro_batches_under_torchrun_match_one_process(runs, tmp_path, parallel
     assert_same_weights(runs["one"] / "final" / "model.safetensors", run / "final" / "model.safetensors")
 
 
+def test_fsdp_resumes_on_fsdp_with_muon_and_adamw(tmp_path):
+    """Two optimizers (Muon; AdamW with its decayed and not-decayed groups): every optimizer's state goes
+    back to its own parameters when a checkpoint is scattered into the sharded model (the indices of a
+    state dict count one optimizer's parameters, not all of them)."""
+    recipe = tiny_recipe("train.parallel=fsdp", "train.optimizer=muon", "train.muon_lr=0.01")
+    yaml_path = tmp_path / "muon.yaml"
+    yaml_path.write_text(recipe.to_yaml())
+    torchrun(yaml_path, tmp_path / "straight")
+    run = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight", run)
+    drop_after_step_2(run)
+    torchrun(yaml_path, run, "--resume")
+    assert_same_curve(tmp_path / "straight", run)
+    assert_same_weights(tmp_path / "straight" / "final" / "model.safetensors", run / "final" / "model.safetensors")
+
+
 OURO_TINY = {
     "architectures": ["OuroForCausalLM"], "model_type": "ouro", "vocab_size": 41, "hidden_size": 16,
     "intermediate_size": 24, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
