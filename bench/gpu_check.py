@@ -18,6 +18,12 @@ Sections, each run in its own try/except and reported whatever happens (``status
   (halved on OOM), and the training slowdown against N = 1. It uses the fla rule and flash-attn where they
   run, else the torch rule and sdpa (recorded in each row).
 
+* ``jet2b_train``: one training step of a real-size Jet-Nemotron-2B (the shipped config.json, random weights,
+  bf16 weights, loops 2 over the paper's middle 14 blocks, window 2,000) on the paper's GSM-Infinite batch:
+  256 problems of T = 3,300 tokens with 5 answer tokens each, taken in micro-batches (train.micro_batch_size:
+  the largest that fits, halved on OOM), activation checkpointing per pass, the head at the targets only.
+  Reports the micro-batch, peak memory, the step's seconds and tokens/s.
+
 * ``bench``: the ``sleepzoo bench`` suites (ops, loops, window, wake, memory) with ``--device cuda``: the same
   cases and acceptance checks as on the CPU, float32.
 
@@ -44,7 +50,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGINS = {"sleepzoo_fla": "sleepzoo-fla", "sleepzoo_flash_attn": "sleepzoo-flash-attn",
            "sleepzoo_xformers": "sleepzoo-xformers"}
-SECTIONS = ("fla", "attention", "throughput", "bench")
+SECTIONS = ("fla", "attention", "throughput", "jet2b_train", "bench")
 
 
 def import_plugin(module: str):
@@ -354,7 +360,72 @@ def _throughput_row(device, dry_run: bool, window: int, loops: int, rule: str, b
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# (d) the `sleepzoo bench` suites on the GPU
+# (d) one paper-scale training step: Jet-Nemotron-2B, batch 256 x 3,300 tokens in micro-batches
+
+
+def check_jet2b_train(device: torch.device, dry_run: bool, deadline: float) -> dict:
+    """One optimizer step's forward/backward over the paper's batch, accumulated over micro-batches."""
+    from sleepzoo.models.jet_nemotron import JetNemotronLM
+    from sleepzoo.pretrained import published_config
+    from sleepzoo.train import _accumulate, Precision
+
+    config = json.loads(open(published_config("jet-nemotron-2b")).read())
+    batch, T, targets, window, micro = 256, 3300, 5, 2000, 16
+    if dry_run:
+        config.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=512, num_hidden_layers=6, bos_token_id=1, eos_token_id=1,
+                      layer_types=["jet", "jet", "attn", "swa", "jet", "jet"])
+        config["efficient_attention_config"] = {
+            "jet": dict(config["efficient_attention_config"]["jet"], num_heads=2, head_dim=16, expand_v=1.0),
+            "swa": {"window_size": 16}}
+        batch, T, window, micro = 8, 96, 40, 4
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = JetNemotronLM.from_config(config)
+    model = model.to(dtype=torch.float32 if dry_run else torch.bfloat16)
+    model.sleep.window, model.sleep.loops, model.sleep.checkpoint = window, 2, True
+    model.train()
+    vocab = config["vocab_size"]
+    ids = torch.randint(0, vocab, (batch, T), device=device)
+    tg = torch.full_like(ids, -100)
+    tg[:, -targets:] = ids[:, -targets:]
+    params = [p for p in model.parameters() if p.requires_grad]
+    precision = Precision("none", device)
+    rows = []
+    while True:
+        try:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            loss = _accumulate(model, ids, tg, micro, float((tg != -100).sum()), 1, precision, params)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            break
+        except torch.cuda.OutOfMemoryError:
+            if micro == 1:
+                raise
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append({"micro_batch_size": micro, "status": "out of memory"})
+        micro //= 2
+        if time.monotonic() > deadline:
+            return {"status": "skipped", "reason": "time budget", "tried": rows}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    result = {"status": "ok", "batch": batch, "T": T, "targets_per_example": targets, "window": window, "loops": 2,
+              "micro_batch_size": micro, "step_s": seconds, "tokens_per_s": batch * T / seconds,
+              "peak_mem_gb": peak, "loss": float(loss), "parameters": model.num_parameters(), "tried": rows}
+    print(f"Jet-Nemotron-2B{' (dry run: tiny, float32)' if dry_run else ', bf16'}, batch {batch} x T {T}, micro-batch "
+          f"{micro}: {seconds:.1f} s/step, {batch * T / seconds:,.0f} tokens/s, peak "
+          f"{'-' if peak is None else f'{peak:.1f} GiB'}, loss {float(loss):.3f}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (e) the `sleepzoo bench` suites on the GPU
 
 
 def check_bench(device: torch.device, dry_run: bool, deadline: float) -> dict:
@@ -394,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
     report = {"environment": environment(), "dry_run": args.dry_run, "device": str(device), "sections": {}}
     print(json.dumps(report["environment"]))
-    checks = {"fla": check_fla, "attention": check_attention, "throughput": check_throughput, "bench": check_bench}
+    checks = {"fla": check_fla, "attention": check_attention, "throughput": check_throughput,
+              "jet2b_train": check_jet2b_train, "bench": check_bench}
     for name in args.only:
         print(f"\n== {name} ==")
         t0 = time.monotonic()
