@@ -1,23 +1,26 @@
 """The sleep engine: cut a sequence into windows, wake, sleep, evict (SPEC 1).
 
-For every chunk of new tokens (a whole window under ``full_flush``; ``sleep_every`` tokens under
-``sliding_window``)::
+A model gives the engine three lists of blocks, ``prelude``, ``loop`` and ``coda``. For every chunk of new
+tokens (a whole window under ``full_flush``; ``sleep_every`` tokens under ``sliding_window``)::
 
     h = embed(chunk)                             full_flush: positions restart at 0
     h, S = prelude(h, S)                         blocks before the loop run once
-    h, S = looped(h, S)                          pass 1 = the wake pass
+    h, S = loop(h, S)                            pass 1 = the wake pass
     logits = head(coda(h))                       loss is taken here when the chunk has targets
     if another chunk follows (its cache is about to be evicted):
-        repeat loops - 1 times: h, S = looped(h, S)   sleep: features of pass n feed pass n + 1
+        repeat loops - 1 times: h, S = loop(h, S)     sleep: features of pass n feed pass n + 1
+        _, S_coda = coda(h, S_coda at the chunk's start)   the coda's fast weights come from after sleep
         S = evict(S)                             fast weights survive; caches as the policy says
 
 Fast weights accumulate over passes and chunks and are never reset within a sequence. Every pass of a
 chunk reads the same context (the caches retained from earlier chunks: none under ``full_flush``); the
-caches kept for later chunks are the wake pass's. Gradients flow through all chunks and passes (full
-BPTT); with ``checkpoint=True`` each pass over a chunk (the wake pass, each sleep pass) keeps only its inputs
-and is recomputed in the backward pass, so activation memory does not grow with ``loops``. ``loops=1``
-is exactly the plain hybrid. *Ours*: the coda runs once per chunk, on the wake pass, as in streaming, where
-each token is predicted when it arrives and the window is slept on afterwards.
+caches kept for later chunks are the wake pass's. The wake pass's coda output serves only the chunk's logits
+(each token is predicted when it arrives, as in streaming); ``coda="wake"`` keeps the wake pass's coda states
+instead (an ablation). Gradients flow through all chunks and passes (full BPTT; ``truncate=K`` cuts them
+after every K-th window); with ``checkpoint=True`` each pass over a chunk keeps only its inputs and is
+recomputed in the backward pass, so activation memory does not grow with ``loops``. ``loops=1`` is exactly
+the plain hybrid. The head runs only where it is needed: at the target positions for the loss
+(``return_logits=False``, what training uses), everywhere only when logits are asked for.
 
 Training (:func:`run`) and streaming inference (:class:`Stream`) are two drivers of the same two steps,
 :func:`wake` and :func:`consolidate`, so they can not drift apart.
