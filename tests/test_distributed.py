@@ -377,3 +377,23 @@ def test_fsdp_trains_ouro_and_matches_one_process(tmp_path, wake_passes, sleep_l
     assert_same_curve(tmp_path / "one", tmp_path / "two")
     assert_same_weights(tmp_path / "one" / "final" / "model.safetensors",
                         tmp_path / "two" / "final" / "model.safetensors")
+
+
+def test_micro_batches_with_stages_and_bf16_autocast(tmp_path):
+    """Two stages (the second with its own micro-batch size) under bf16 autocast: micro-batched == one batch."""
+    base = tiny_recipe("train.autocast=bf16").to_yaml()
+    import yaml
+
+    data = yaml.safe_load(base)
+    data["stages"] = [{"name": "a", "steps": 2, "train": {"micro_batch_size": 4}},
+                      {"name": "b", "steps": 2, "train": {"micro_batch_size": 2}}]
+    micro = load_recipe(data)
+    for stage in data["stages"]:
+        stage["train"].pop("micro_batch_size")
+    whole = load_recipe(data)
+    train(whole, tmp_path / "whole", progress=False)
+    train(micro, tmp_path / "micro", progress=False)
+    la, lb = train_lines(tmp_path / "whole"), train_lines(tmp_path / "micro")
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == [1, 2, 3, 4]
+    for ra, rb in zip(la, lb):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-3)  # bf16 matmuls of other shapes round apart
