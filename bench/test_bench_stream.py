@@ -30,11 +30,17 @@ def small_model(window: int = WINDOW, layers=("attention", "gated_deltanet", "at
 
 
 def state_bytes(stream) -> int:
-    """Bytes held by the stream between tokens: every cached tensor, fast weights and pending features."""
+    """Bytes held by the stream between tokens: every cached tensor, fast weights and pending features. An
+    attention cache decoded without gradients lives in a preallocated buffer: its whole capacity counts."""
+    from sleepzoo.mixers.attention import KVBuffer
+
     total = sum(f.numel() * f.element_size() for f in stream.feats)
     for state in stream.states:
-        for value in (state or {}).values():
-            if isinstance(value, torch.Tensor):
+        buf = (state or {}).get("kv_buffer")
+        for key, value in (state or {}).items():
+            if isinstance(value, KVBuffer):
+                total += sum(t.numel() * t.element_size() for t in (value.k, value.v))
+            elif isinstance(value, torch.Tensor) and not (buf is not None and key in ("k", "v")):  # views of it
                 total += value.numel() * value.element_size()
     return total
 

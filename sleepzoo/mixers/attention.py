@@ -134,6 +134,107 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+KV_CACHES = ("buffer", "concat")
+
+
+class KVBuffer:
+    """Preallocated K/V storage of one attention layer, appended to in place while decoding without gradients.
+
+    ``k``, ``v``: (B, Hkv, capacity, D). A state never holds the buffer alone: it holds the views
+    ``k[:, :, :n]``, ``v[:, :, :n]`` of the ``n`` tokens it caches, and the buffer as ``state["kv_buffer"]``.
+    ``used`` is the number of slots any state has written. A state may write its new tokens in place only when
+    it is the *tip* (``n == used``): the slots it writes are then ones no other state's view covers, so every
+    existing view (a fork's, the start of the chunk that the sleep passes re-read) keeps its values, and the
+    engine's rule that a state tensor never changes in place still holds for everything a state can see. A
+    state that is not the tip (the second of two forks to decode, a sleep pass over the chunk's start) copies
+    its ``n`` tokens into a buffer of its own first: copy-on-write, once per fork.
+    """
+
+    __slots__ = ("k", "v", "used")
+
+    def __init__(self, k: Tensor, v: Tensor, capacity: int):
+        """An empty buffer for ``capacity`` tokens shaped, typed and placed like ``k`` and ``v`` (B, Hkv, *, D)."""
+        B, H, _, D = k.shape
+        self.k = k.new_empty(B, H, capacity, D)
+        self.v = v.new_empty(B, H, capacity, v.shape[-1])
+        self.used = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def appendable(self, k: Tensor, k_new: Tensor, v_new: Tensor) -> bool:
+        """Whether the state whose key view is ``k`` may write ``k_new``, ``v_new`` in place: it is the tip,
+        they fit, they match the buffer, and the buffer may be written here (an inference-mode tensor can
+        not be written outside inference mode)."""
+        n, t = k.shape[2], k_new.shape[2]
+        return (n == self.used and n + t <= self.capacity and k.storage_offset() == 0  # a prefix of self.k
+                and k.untyped_storage().data_ptr() == self.k.untyped_storage().data_ptr()
+                and k_new.dtype == self.k.dtype and v_new.dtype == self.v.dtype and k_new.device == self.k.device
+                and k_new.shape[:2] == self.k.shape[:2] and k_new.shape[3] == self.k.shape[3]
+                and v_new.shape[3] == self.v.shape[3]
+                and (torch.is_inference_mode_enabled() or not self.k.is_inference()))
+
+    def append(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k_new``, ``v_new`` (B, Hkv, t, D) after the ``used`` slots; return the views of all of them."""
+        n, t = self.used, k_new.shape[2]
+        self.k[:, :, n:n + t].copy_(k_new)
+        self.v[:, :, n:n + t].copy_(v_new)
+        self.used = n + t
+        return self.k[:, :, :n + t], self.v[:, :, :n + t]
+
+
+def kv_capacity(need: int, span: int | None, previous: int | None = None) -> int:
+    """Slots for a new buffer that must hold ``need`` tokens now.
+
+    At least the capacity of the buffer it replaces (``previous``: a fork's copy is as large as the original),
+    and under a span (sliding-window eviction) ``2 span - 1``: the ``span - 1`` retained tokens plus a chunk of at
+    most ``span`` new ones, all a sliding window ever holds, so its buffer never grows. Without a span, at least
+    16 slots. When ``need`` is more, the capacity doubles (``2 need``, or twice ``previous``), so that a cache
+    of unknown size (the first window under ``full_flush``, whose length the mixer is not told) costs amortised
+    O(1) copies per token; after the first eviction the buffer is exactly the window (:meth:`Attention.evict`).
+    """
+    floor = max(previous or 0, 2 * span - 1 if span is not None else 16)  # 16: no doubling every token
+    if need <= floor:
+        return floor
+    return max(need, 2 * (previous or need))
+
+
+def _cache(k_new: Tensor, v_new: Tensor, state: MixerState, span: int | None) -> tuple[Tensor, Tensor, KVBuffer]:
+    """K/V of the cached tokens of ``state`` followed by ``k_new``, ``v_new``, held in a :class:`KVBuffer`:
+    written in place when ``state`` is its buffer's tip, else copied with the cached tokens into a new one."""
+    old = None if state is None else state.get("kv_buffer")
+    if state is not None and old is not None and old.appendable(state["k"], k_new, v_new):
+        k, v = old.append(k_new, v_new)
+        return k, v, old
+    n = 0 if state is None else state["k"].shape[2]
+    capacity = kv_capacity(n + k_new.shape[2], span, None if old is None else old.capacity)
+    if n:
+        k_old, v_old = state["k"], state["v"]
+        like_k = k_new.to(torch.promote_types(k_old.dtype, k_new.dtype))  # what torch.cat would give
+        like_v = v_new.to(torch.promote_types(v_old.dtype, v_new.dtype))
+        buf = KVBuffer(like_k, like_v, capacity)
+        buf.append(k_old, v_old)
+    else:
+        buf = KVBuffer(k_new, v_new, capacity)
+    k, v = buf.append(k_new, v_new)
+    return k, v, buf
+
+
+def visible_keys(k: Tensor, v: Tensor, T: int, window: int | None) -> tuple[Tensor, Tensor, bool, int | None]:
+    """What ``T`` new queries (the last ``T`` of the keys ``k``, ``v`` (B, Hkv, S, D)) can see, as the arguments
+    of an attention call: ``(k, v, causal, window)``. Only the last ``window + T - 1`` keys are in reach of any of
+    them, so the rest is not read; a single query sees every key left, so it needs no mask at all (a
+    causal, windowed call would give the same result, masking nothing). Used by decoding without gradients,
+    where this is a view of the cache and reading is the whole cost of a token's attention."""
+    S = k.shape[2]
+    if window is not None and S > window + T - 1:
+        k, v = k[:, :, S - (window + T - 1):], v[:, :, S - (window + T - 1):]
+    if T == 1:
+        return k, v, False, None
+    return k, v, True, window
+
+
 class Attention(nn.Module):
     """Causal multi-head softmax attention with grouped K/V heads (GQA) and rotary positions.
 
@@ -153,13 +254,20 @@ class Attention(nn.Module):
         backend: name of an ``attention`` plugin (default "sdpa"); where it can not run on the inputs it gets
             (see :func:`attend`), ``sdpa`` runs instead, announced once.
         layer_idx: position in the stack (for messages).
+        kv_cache: how the K/V cache grows while decoding without gradients: ``"buffer"`` (default) writes each
+            token in place into a preallocated :class:`KVBuffer` (copy-on-write when a stream is forked), so a
+            token costs no copy of the tokens already cached, only their attention read; ``"concat"`` builds a
+            new cache per call by concatenation (the old path, kept as the ``wake`` benchmark's reference). With
+            gradients enabled (training) the cache is always concatenated: autograd needs every state tensor to
+            stay as it was made, so training is the same either way.
     """
 
     carried_state: tuple[str, ...] = ()  # attention has no fast weights: everything is cache
 
     def __init__(self, d_model: int, *, num_heads: int = 4, num_kv_heads: int | None = None,
                  head_dim: int | None = None, rope_theta: float = 10000.0, qkv_bias: bool = False,
-                 window: int | None = None, backend: str = "sdpa", layer_idx: int | None = None):
+                 window: int | None = None, backend: str = "sdpa", layer_idx: int | None = None,
+                 kv_cache: str = "buffer"):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         head_dim = d_model // num_heads if head_dim is None else head_dim
@@ -171,6 +279,9 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         if window is not None and window < 1:
             raise SleepzooError(f"{where}: window={window} must be >= 1 (or null for no sliding window)")
+        if kv_cache not in KV_CACHES:
+            raise SleepzooError(f"{where}: kv_cache={kv_cache!r} must be one of {', '.join(map(repr, KV_CACHES))}")
+        self.kv_cache = kv_cache
         self.rope_theta = rope_theta
         self.window = window
         self.layer_idx = layer_idx
@@ -185,7 +296,8 @@ class Attention(nn.Module):
         """Attend over the cached tokens of ``state`` and ``x``; the returned state caches both.
 
         State: ``k``, ``v`` (B, Hkv, S, D) rotated keys and values of the cached tokens, ``offset`` the
-        position of the next token (RoPE is relative, so absolute positions only need to be consistent).
+        position of the next token (RoPE is relative, so absolute positions only need to be consistent), and
+        without gradients ``kv_buffer``, the :class:`KVBuffer` that ``k`` and ``v`` are views of.
         """
         B, T, _ = x.shape
         offset = 0 if state is None else state["offset"]
@@ -195,17 +307,40 @@ class Attention(nn.Module):
         positions = torch.arange(offset, offset + T, device=x.device)
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if state is not None:
-            k = torch.cat([state["k"], k], dim=2)  # (B, Hkv, S, D)
-            v = torch.cat([state["v"], v], dim=2)
         window = self.window if span is None else span if self.window is None else min(span, self.window)
-        o = attend(self.backend, self.backend_name, q, k, v, causal=True, window=window,
+        new_state: dict = {"offset": offset + T}
+        causal = True
+        if self.kv_cache == "buffer" and not torch.is_grad_enabled():
+            k_all, v_all, new_state["kv_buffer"] = _cache(k, v, state, span)
+            if state is not None and state["k"].shape[2]:  # else the new tokens alone, as without a cache
+                k, v, causal, window = visible_keys(k_all, v_all, T, window)
+        else:
+            k_all = k if state is None else torch.cat([state["k"], k], dim=2)  # (B, Hkv, S, D)
+            v_all = v if state is None else torch.cat([state["v"], v], dim=2)
+            k, v = k_all, v_all
+        new_state["k"], new_state["v"] = k_all, v_all
+        o = attend(self.backend, self.backend_name, q, k, v, causal=causal, window=window,
                    scale=self.head_dim ** -0.5)  # (B, H, T, D)
         o = o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-        return self.o_proj(o), {"k": k, "v": v, "offset": offset + T}
+        return self.o_proj(o), new_state
 
     def evict(self, state: MixerState, retain: int) -> MixerState:
-        """Keep the K/V of the last ``retain`` tokens (and the position count); none: a fresh window."""
-        if state is None or retain <= 0:
+        """Keep the K/V of the last ``retain`` tokens (and the position count); none: a fresh window.
+
+        A state with a :class:`KVBuffer` (decoding without gradients) is compacted here, once per window: the
+        retained tokens are copied to the front of a new buffer of the same capacity, so the next window
+        appends in place again. With ``retain = 0`` it becomes an empty state (offset 0, nothing cached) with
+        a buffer of exactly the window just completed, so every later window is preallocated.
+        """
+        if state is None:
             return None
-        return {"k": state["k"][:, :, -retain:], "v": state["v"][:, :, -retain:], "offset": state["offset"]}
+        buf = state.get("kv_buffer")
+        if buf is None or torch.is_grad_enabled():
+            if retain <= 0:
+                return None
+            return {"k": state["k"][:, :, -retain:], "v": state["v"][:, :, -retain:], "offset": state["offset"]}
+        n = state["k"].shape[2]
+        kept = min(max(retain, 0), n)
+        new = KVBuffer(state["k"], state["v"], n if kept == 0 and n else buf.capacity)
+        k, v = new.append(state["k"][:, :, n - kept:], state["v"][:, :, n - kept:])
+        return {"k": k, "v": v, "offset": state["offset"] if kept else 0, "kv_buffer": new}
