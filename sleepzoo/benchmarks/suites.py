@@ -8,7 +8,9 @@
 ``window``  throughput against window L at a fixed sequence length: sequential windows with sleep against a
             fully parallel sliding-window-attention hybrid of the same weights (the paper's Figure 6a)
 ``wake``    per-token decode time against the context already streamed (1k ... 64k tokens) and loops,
-            against a full-attention model of the same size whose KV cache holds the whole context
+            against a full-attention model of the same size whose KV cache holds the whole context; and
+            against the position in a 2,000-token window (the first tokens against the last ones), with the
+            attention cache as a preallocated buffer written in place and as a concatenation per token
 ``memory``  peak training memory (tensors created by a forward+backward) against N, with and without
             activation checkpointing per pass
 ==========  ==================================================================================================
@@ -44,29 +46,33 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "ops": {"B": 2, "T": 2048, "H": 4, "K": 64, "V": 64, "rounds": 5, "recurrent_rounds": 2},
         "loops": {"d": 256, "B": 2, "L": 256, "windows": 4, "loops": (1, 2, 4, 8), "rounds": 9},
         "window": {"d": 256, "B": 1, "T": 2048, "windows": (128, 256, 512, 1024), "loops": (1, 2), "rounds": 3},
-        "wake": {"d": 256, "L": 256, "contexts": (1024, 4096, 16384, 65536), "loops": (1, 4), "tokens": 96},
+        "wake": {"d": 256, "L": 256, "contexts": (1024, 4096, 16384, 65536), "loops": (1, 4), "tokens": 96,
+                 "position_L": 2000, "position_tokens": 48},
         "memory": {"d": 128, "B": 2, "L": 128, "windows": 8, "loops": (1, 2, 4, 8)},
     },
     "tiny": {
         "ops": {"B": 1, "T": 96, "H": 2, "K": 8, "V": 8, "rounds": 2, "recurrent_rounds": 1},
         "loops": {"d": 32, "B": 2, "L": 16, "windows": 3, "loops": (1, 2), "rounds": 2},
         "window": {"d": 32, "B": 1, "T": 64, "windows": (16, 32), "loops": (1,), "rounds": 2},
-        "wake": {"d": 32, "L": 16, "contexts": (32, 96), "loops": (1, 2), "tokens": 4},
+        "wake": {"d": 32, "L": 16, "contexts": (32, 96), "loops": (1, 2), "tokens": 4, "position_L": 16,
+                 "position_tokens": 4},
         "memory": {"d": 32, "B": 2, "L": 16, "windows": 3, "loops": (1, 2)},
     },
 }
 
 
 def hybrid(d_model: int, *, layers: tuple[str, ...] = HYBRID, attention_window: int | None = None,
-           seed: int = 0, device: str | torch.device = "cpu") -> Any:
+           seed: int = 0, device: str | torch.device = "cpu", kv_cache: str = "buffer") -> Any:
     """The benchmarks' model: ``layers`` of width ``d_model`` (heads of 64, or d/4 when smaller), SwiGLU
-    MLPs, vocabulary 256, in train mode."""
+    MLPs, vocabulary 256, in train mode. ``kv_cache``: the attention mixer's decoding cache (its option)."""
     torch.manual_seed(seed)
     head_dim = min(64, d_model // 4)
     heads = d_model // head_dim
     attention = {"num_heads": heads, "head_dim": head_dim}
     if attention_window is not None:
         attention["window"] = attention_window
+    if kv_cache != "buffer":
+        attention["kv_cache"] = kv_cache
     recipe = load_recipe({"model": {"d_model": d_model, "layers": list(layers), "vocab_size": VOCAB,
                                     "mixers": {"attention": attention,
                                                "gated_deltanet": {"num_heads": heads, "head_dim": head_dim}}}})
@@ -320,6 +326,48 @@ def _wake_cases(s: dict) -> list[Case]:
         cases.append(Case("wake", f"full_attention[ctx={ctx}]", f"wake: decode one token, full attention, d={d}",
                           {"method": "full_attention", "N": 1, "context": ctx}, make=make_full, tokens=1,
                           baseline=f"full_attention[ctx={s['contexts'][0]}]", rounds=s["tokens"], warmup=2))
+    return cases + _position_cases(s)
+
+
+def _position_cases(s: dict) -> list[Case]:
+    """Decode time at the start of a window against its end (issue 11, item 7): one token at a time, in the
+    second window of a ``full_flush`` stream (the first has been slept on and evicted, so the cache is as every
+    later window finds it). ``position[pos=1]`` times the tokens at positions 1 + warmup ... of the window,
+    ``position[pos=L-1]`` the last ones, ending at L - 1 (the token that fills the window; the next one would
+    sleep). With ``kv_cache=buffer`` (the default) a token writes its K/V in place into a preallocated buffer,
+    so what grows with the position is only the attention read itself; ``kv_cache=concat`` (the old path)
+    also copies the whole cache per token per layer. One group: the four cases run interleaved."""
+    d, L, R, dev = s["d"], s["position_L"], s["position_tokens"], s["device"]
+    warmup = 2
+    if L < R + warmup + 2:
+        raise SleepzooError(f"wake: position_L={L} is too short for {R} + {warmup} timed tokens")
+    group = f"wake: decode one token at a position of the window, d={d}, L={L}, full_flush"
+    models: dict[str, Any] = {}
+    cases = []
+    for cache in ("buffer", "concat"):
+        for pos in (1, L - 1):
+            start = 1 if pos == 1 else L - R - warmup  # the window's tokens cached when the first call comes
+
+            def make(cache: str = cache, start: int = start) -> Callable[[], None]:
+                if cache not in models:
+                    models[cache] = hybrid(d, device=dev, kv_cache=cache).eval()  # same weights (same seed)
+                stream = models[cache].start_stream(window=L, loops=1)
+                gen = torch.Generator().manual_seed(0)
+                with torch.no_grad():
+                    for take in (L, start):  # a whole window, then this window's first tokens
+                        stream.feed(torch.randint(0, VOCAB, (1, take), generator=gen).to(dev))
+                token = torch.zeros(1, 1, dtype=torch.long, device=dev)
+
+                @torch.no_grad()
+                def run() -> None:
+                    stream.feed(token)
+                return run
+
+            cases.append(Case("wake", f"position[pos={pos},kv_cache={cache}]", group,
+                              {"method": "position", "N": 1, "L": L, "position": pos, "kv_cache": cache,
+                               "first_position": start + warmup, "last_position": start + warmup + R - 1},
+                              make=make, tokens=1, baseline="position[pos=1,kv_cache=buffer]", rounds=R,
+                              warmup=warmup))
     return cases
 
 
@@ -415,7 +463,7 @@ def checks(results: list[Result]) -> list[dict[str, Any]]:
 
     # wake: flat in context and loops, far below full attention
     wake = {(r.case.params["method"], r.case.params["N"], r.case.params["context"]): r.median
-            for r in results if r.case.suite == "wake"}
+            for r in results if r.case.suite == "wake" and r.case.params["method"] != "position"}
     contexts = sorted({c for (_, _, c) in wake})
     if contexts:
         lo, hi = contexts[0], contexts[-1]
@@ -433,6 +481,20 @@ def checks(results: list[Result]) -> list[dict[str, Any]]:
             ratio = wake[("full_attention", 1, hi)] / max(wake[("sleep", n, hi)] for n in loops
                                                          if ("sleep", n, hi) in wake)
             out.append(_check(f"wake: full attention / sleep ms/token at {hi}", ratio, ">= 10", ratio >= 10))
+
+    # wake: the last tokens of a window decode as fast as its first ones (a cache written in place)
+    at = {(r.case.params["kv_cache"], r.case.params["position"]): r for r in results
+          if r.case.suite == "wake" and r.case.params.get("method") == "position"}
+    for cache in ("buffer", "concat"):
+        ends = sorted(p for (c, p) in at if c == cache)
+        if len(ends) == 2:
+            first, last = at[(cache, ends[0])], at[(cache, ends[1])]
+            ratio = _round_ratio(last, first)
+            ok = 0.9 <= ratio <= 1.1 if cache == "buffer" else None
+            out.append(_check(f"wake: ms/token at window position {ends[1]} / at position {ends[0]}, "
+                              f"kv_cache={cache}", ratio, "[0.9, 1.1]" if cache == "buffer" else "(reported)", ok,
+                              f"positions {last.case.params['first_position']}-{last.case.params['last_position']}"
+                              f" / {first.case.params['first_position']}-{first.case.params['last_position']}"))
 
     # memory: checkpointing keeps the peak from growing with N
     mem = {(r.case.params["N"], r.case.params["checkpoint"]): r.extra_info["peak_bytes"]
