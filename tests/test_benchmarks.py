@@ -91,42 +91,56 @@ def test_checks_from_synthetic_results():
 
 
 def test_wake_position_cases_and_their_check():
-    """The first tokens of a 2,000-token window against its last ones, buffer and concatenated cache, one group."""
-    found = [c for c in benchmarks.cases("wake") if c.params["method"] == "position"]
+    """The first tokens of a 2,000-token window against its last ones (buffer and concatenated cache) and the
+    attention read alone at both ends: one group, one baseline."""
+    found = [c for c in benchmarks.cases("wake") if c.params["method"] in ("position", "attention_read")]
     assert [c.name for c in found] == ["position[pos=1,kv_cache=buffer]", "position[pos=1999,kv_cache=buffer]",
-                                       "position[pos=1,kv_cache=concat]", "position[pos=1999,kv_cache=concat]"]
+                                       "position[pos=1,kv_cache=concat]", "position[pos=1999,kv_cache=concat]",
+                                       "attention_read[pos=1]", "attention_read[pos=1999]"]
     assert len({c.group for c in found}) == 1 and {c.baseline for c in found} == {"position[pos=1,kv_cache=buffer]"}
-    last = found[1].params
+    last, read = found[1].params, found[5].params
     assert last["L"] == 2000 and last["last_position"] == 1999 and last["first_position"] == 2000 - found[1].rounds
+    assert last["first_position"] < read["first_position"] == read["last_position"] < 1999  # the middle one
 
-    def timed(name, pos, cache, seconds):
-        case = core.Case("wake", name, "g", {"method": "position", "N": 1, "L": 2000, "position": pos,
-                                            "kv_cache": cache, "first_position": pos, "last_position": pos},
-                         make=lambda: (lambda: None))
-        return core.Result(case, list(seconds), {})
+    def timed(name, method, pos, cache, seconds):
+        params = {"method": method, "N": 1, "L": 2000, "position": pos, "first_position": pos, "last_position": pos}
+        if cache:
+            params["kv_cache"] = cache
+        return core.Result(core.Case("wake", name, "g", params, make=lambda: (lambda: None)), list(seconds), {})
 
-    results = [timed("a", 1, "buffer", [0.010, 0.011]), timed("b", 1999, "buffer", [0.0105, 0.0121]),
-               timed("c", 1, "concat", [0.010, 0.010]), timed("d", 1999, "concat", [0.013, 0.014])]
-    results.append(core.Result(core.Case("wake", "wake[N=1,ctx=1024]", "g", {"method": "sleep", "N": 1,
-                                                                             "context": 1024},
-                                         make=lambda: (lambda: None)), [0.003], {}))
+    results = [timed("a", "position", 1, "buffer", [0.010, 0.011]), timed("b", "position", 1999, "buffer",
+                                                                        [0.0105, 0.0121]),
+               timed("c", "position", 1, "concat", [0.010, 0.010]), timed("d", "position", 1999, "concat",
+                                                                        [0.013, 0.014]),
+               timed("e", "attention_read", 1, None, [0.0001, 0.0001]),
+               timed("f", "attention_read", 1999, None, [0.0011, 0.0011]),
+               core.Result(core.Case("wake", "wake[N=1,ctx=1024]", "g", {"method": "sleep", "N": 1, "context": 1024},
+                                     make=lambda: (lambda: None)), [0.003], {})]
     checks = {c["check"]: c for c in suites.checks(results)}
     buffer = checks["wake: ms/token at window position 1999 / at position 1, kv_cache=buffer"]
     assert buffer["value"] == pytest.approx(1.075) and buffer["ok"] is True  # median of 1.05 and 1.1, per round
+    assert "grows by 1.000 ms" in buffer["detail"]
     concat = checks["wake: ms/token at window position 1999 / at position 1, kv_cache=concat"]
     assert concat["value"] == pytest.approx(1.35) and concat["ok"] is None  # reported
-    assert not any("65536" in name or "at 1999 / at 1 tokens" in name for name in checks)  # no context checks
+    # growth of the medians (10.5 -> 11.3 ms: 0.8) less the read's (1 ms), over 10.5 ms
+    excess = checks["wake: (growth from position 1 to 1999 - the attention read's) / ms at position 1, kv_cache=buffer"]
+    assert excess["value"] == pytest.approx(-0.2 / 10.5, abs=1e-4) and excess["ok"] is True
+    excess = checks["wake: (growth from position 1 to 1999 - the attention read's) / ms at position 1, kv_cache=concat"]
+    assert excess["value"] == pytest.approx(2.5 / 10, abs=1e-4) and excess["ok"] is None
+    assert [name for name in checks if "tokens, N=" in name] == ["wake: ms/token at 1024 / at 1024 tokens, N=1"]
 
 
 def test_wake_position_cases_run_at_the_tiny_size():
-    found = [c for c in benchmarks.cases("wake", "tiny") if c.params["method"] == "position"]
+    found = [c for c in benchmarks.cases("wake", "tiny") if c.params["method"] in ("position", "attention_read")]
     results = benchmarks.run_group(found, {})
-    assert [r.case.params["kv_cache"] for r in results] == ["buffer", "buffer", "concat", "concat"]
+    assert [r.case.params.get("kv_cache") for r in results] == ["buffer", "buffer", "concat", "concat", None, None]
     assert all(len(r.times) == r.case.rounds for r in results)
     assert results[1].extra_info["ratio_to_baseline"] > 0
     names = [c["check"] for c in suites.checks(results)]
     assert names == ["wake: ms/token at window position 15 / at position 1, kv_cache=buffer",
-                     "wake: ms/token at window position 15 / at position 1, kv_cache=concat"]
+                     "wake: (growth from position 1 to 15 - the attention read's) / ms at position 1, kv_cache=buffer",
+                     "wake: ms/token at window position 15 / at position 1, kv_cache=concat",
+                     "wake: (growth from position 1 to 15 - the attention read's) / ms at position 1, kv_cache=concat"]
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,7 @@ def _plot_window(ax, rows: Sequence[Result]) -> None:
 
 def _plot_wake(ax, rows: Sequence[Result]) -> None:
     series: dict[str, list[tuple[int, float]]] = {}
-    rows = [r for r in rows if r.case.params.get("method") != "position"]  # a window position is no context
+    rows = [r for r in rows if r.case.params.get("method") in ("sleep", "full_attention")]  # against context
     for r in rows:
         p = r.case.params
         label = "full attention" if p["method"] == "full_attention" else f"sleep, N={p['N']}"

@@ -336,7 +336,10 @@ def _position_cases(s: dict) -> list[Case]:
     ``position[pos=L-1]`` the last ones, ending at L - 1 (the token that fills the window; the next one would
     sleep). With ``kv_cache=buffer`` (the default) a token writes its K/V in place into a preallocated buffer,
     so what grows with the position is only the attention read itself; ``kv_cache=concat`` (the old path)
-    also copies the whole cache per token per layer. One group: the four cases run interleaved."""
+    also copies the whole cache per token per layer. ``attention_read[pos=...]`` times that read alone: the
+    attention calls of every attention layer, as the mixer makes them, for the token in the middle of the
+    timed positions (the floor of the growth: reading L tokens' K/V is the work of attention). One group:
+    all run interleaved."""
     d, L, R, dev = s["d"], s["position_L"], s["position_tokens"], s["device"]
     warmup = 2
     if L < R + warmup + 2:
@@ -368,6 +371,36 @@ def _position_cases(s: dict) -> list[Case]:
                                "first_position": start + warmup, "last_position": start + warmup + R - 1},
                               make=make, tokens=1, baseline="position[pos=1,kv_cache=buffer]", rounds=R,
                               warmup=warmup))
+    for pos in (1, L - 1):
+        middle = (1 if pos == 1 else L - R - warmup) + warmup + R // 2  # the median position of its decode case
+
+        def make_read(middle: int = middle) -> Callable[[], None]:
+            from ..mixers.attention import Attention, attend, visible_keys
+
+            model = hybrid(d, device=dev).eval()
+            stream = model.start_stream(window=L, loops=1)
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for take in (L, middle + 1):  # the keys the token at position ``middle`` reads, its own included
+                    stream.feed(torch.randint(0, VOCAB, (1, take), generator=gen).to(dev))
+            calls = []
+            for m, state in zip(stream.mixers, stream.states):
+                if isinstance(m, Attention):
+                    q = torch.randn(1, m.num_heads, 1, m.head_dim, generator=gen).to(dev)
+                    calls.append((m, q, *visible_keys(state["k"], state["v"], 1, None)))
+
+            @torch.no_grad()
+            def run() -> None:
+                for m, q, k, v, causal, window in calls:
+                    attend(m.backend, m.backend_name, q, k, v, causal=causal, window=window,
+                           scale=m.head_dim ** -0.5)
+            return run
+
+        cases.append(Case("wake", f"attention_read[pos={pos}]", group,
+                          {"method": "attention_read", "N": 1, "L": L, "position": pos,
+                           "first_position": middle, "last_position": middle},
+                          make=make_read, tokens=1, baseline="position[pos=1,kv_cache=buffer]", rounds=R,
+                          warmup=warmup))
     return cases
 
 
@@ -463,7 +496,7 @@ def checks(results: list[Result]) -> list[dict[str, Any]]:
 
     # wake: flat in context and loops, far below full attention
     wake = {(r.case.params["method"], r.case.params["N"], r.case.params["context"]): r.median
-            for r in results if r.case.suite == "wake" and r.case.params["method"] != "position"}
+            for r in results if r.case.suite == "wake" and r.case.params["method"] in ("sleep", "full_attention")}
     contexts = sorted({c for (_, _, c) in wake})
     if contexts:
         lo, hi = contexts[0], contexts[-1]
@@ -482,19 +515,34 @@ def checks(results: list[Result]) -> list[dict[str, Any]]:
                                                          if ("sleep", n, hi) in wake)
             out.append(_check(f"wake: full attention / sleep ms/token at {hi}", ratio, ">= 10", ratio >= 10))
 
-    # wake: the last tokens of a window decode as fast as its first ones (a cache written in place)
-    at = {(r.case.params["kv_cache"], r.case.params["position"]): r for r in results
-          if r.case.suite == "wake" and r.case.params.get("method") == "position"}
+    # wake: the last tokens of a window decode as fast as its first ones (a cache written in place); what
+    # remains of the difference is attention's read of the cache, timed alone
+    at = {(r.case.params.get("kv_cache", "read"), r.case.params["position"]): r for r in results
+          if r.case.suite == "wake" and r.case.params.get("method") in ("position", "attention_read")}
+    reads = sorted(p for (c, p) in at if c == "read")
+    read_growth = (at[("read", reads[1])].median - at[("read", reads[0])].median) if len(reads) == 2 else None
     for cache in ("buffer", "concat"):
         ends = sorted(p for (c, p) in at if c == cache)
         if len(ends) == 2:
             first, last = at[(cache, ends[0])], at[(cache, ends[1])]
             ratio = _round_ratio(last, first)
             ok = 0.9 <= ratio <= 1.1 if cache == "buffer" else None
+            growth = last.median - first.median
+            detail = (f"positions {last.case.params['first_position']}-{last.case.params['last_position']} / "
+                      f"{first.case.params['first_position']}-{first.case.params['last_position']}: "
+                      f"{first.median * 1e3:.3f} -> {last.median * 1e3:.3f} ms")
+            if read_growth is not None:
+                detail += f"; the attention read alone grows by {read_growth * 1e3:.3f} ms"
             out.append(_check(f"wake: ms/token at window position {ends[1]} / at position {ends[0]}, "
                               f"kv_cache={cache}", ratio, "[0.9, 1.1]" if cache == "buffer" else "(reported)", ok,
-                              f"positions {last.case.params['first_position']}-{last.case.params['last_position']}"
-                              f" / {first.case.params['first_position']}-{first.case.params['last_position']}"))
+                              detail))
+            if read_growth is not None:  # the acceptance proper: nothing but attention's own read grows
+                excess = (growth - read_growth) / first.median
+                out.append(_check(f"wake: (growth from position {ends[0]} to {ends[1]} - the attention read's) / "
+                                  f"ms at position {ends[0]}, kv_cache={cache}", excess,
+                                  "[-0.1, 0.1]" if cache == "buffer" else "(reported)",
+                                  -0.1 <= excess <= 0.1 if cache == "buffer" else None,
+                                  f"{(growth - read_growth) * 1e3:+.3f} ms per token"))
 
     # memory: checkpointing keeps the peak from growing with N
     mem = {(r.case.params["N"], r.case.params["checkpoint"]): r.extra_info["peak_bytes"]
