@@ -55,6 +55,20 @@ def load(run: Path) -> dict | None:
             "curve": evals}
 
 
+def majority_rates(run: Path) -> dict[str, float]:
+    """Per t, the share of the test split's majority answer: what a constant prediction scores."""
+    import sleepzoo
+
+    recipe = sleepzoo.load_recipe(str(run / "recipe.yaml"))
+    data = sleepzoo.build_task(recipe).generate(recipe.eval.num_examples, recipe.eval.seed, "test")
+    out = {}
+    for t in data["t"].unique().tolist():
+        answers = data["targets"][data["t"] == t, -1].float()
+        share = float((answers == answers.max()).float().mean())
+        out[str(t)] = max(share, 1 - share)
+    return out
+
+
 def mean_std(xs: list[float]) -> tuple[float, float]:
     m = sum(xs) / len(xs)
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
@@ -151,14 +165,18 @@ def main() -> None:
             color = colors.setdefault(label, f"C{len(colors)}")
             steps = sorted({e["step"] for r in rs for e in r["curve"]})
             for ax, t in zip(axes, buckets):
-                series = [[e["t"][t] for e in r["curve"] if e["step"] == s] for s in steps]
+                series = [[e["t"][t] for run in rs for e in run["curve"] if e["step"] == s] for s in steps]
                 tok = [s * rs[0]["tokens"] / rs[0]["steps"] / 1e6 for s in steps]
                 mean = [sum(v) / len(v) for v in series]
                 ax.plot(tok, mean, color=color, label=label)
                 ax.fill_between(tok, [min(v) for v in series], [max(v) for v in series], color=color, alpha=0.2)
                 ax.set_title(f"t = {t}")
                 ax.set_xlabel("tokens (M)")
-        axes[0].set_ylabel("accuracy (band: seed min..max)")
+        chance = majority_rates(Path(done[0]["path"]))
+        for ax, t in zip(axes, buckets):
+            if t in chance:
+                ax.axhline(chance[t], color="grey", ls=":", lw=1)
+        axes[0].set_ylabel("accuracy (band: seed min..max; dotted: chance)")
         axes[-1].legend(fontsize=7)
         _save(fig, a.plot)
 
