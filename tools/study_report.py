@@ -1,6 +1,7 @@
 """Tables, curves and tests of the CPU sleep study (docs/results.md, "Sleep on a mixed-depth Rule 110").
 
-    python tools/study_report.py runs/study --json docs/results/study-rule110.json --plot docs/img/study-rule110.png
+    python tools/study_report.py runs/study --previous docs/results/study-rule110.json \
+        --json docs/results/study-rule110.json --plot docs/img/study-rule110.png
 
 Reads every run directory under the given folder (recipe.yaml, metrics.jsonl, eval.json), groups runs by
 (variant, loops) where the variant names a non-default stabiliser setting (gate off, pass_norm, ...), and
@@ -59,7 +60,8 @@ def majority_rates(run: Path) -> dict[str, float]:
     """Per t, the share of the test split's majority answer: what a constant prediction scores."""
     import sleepzoo
 
-    recipe = sleepzoo.load_recipe(str(run / "recipe.yaml"))
+    path = run / "recipe.yaml"  # a run from --previous may not be on this machine: the study's recipe then
+    recipe = sleepzoo.load_recipe(str(path if path.is_file() else Path("recipes/study/rule110-depth.yaml")))
     data = sleepzoo.build_task(recipe).generate(recipe.eval.num_examples, recipe.eval.seed, "test")
     out = {}
     for t in data["t"].unique().tolist():
@@ -97,9 +99,16 @@ def main() -> None:
     ap.add_argument("root")
     ap.add_argument("--json")
     ap.add_argument("--plot")
+    ap.add_argument("--previous", help="a JSON this tool wrote: its finished runs count too unless a run "
+                                       "directory of the same group and name is here (a new machine resumes the "
+                                       "study without retraining what was committed)")
     a = ap.parse_args()
     runs = [r for r in (load(p.parent) for p in sorted(Path(a.root).glob("*/*/recipe.yaml"))
                         if not p.parent.parent.name == "lr") if r]
+    if a.previous and Path(a.previous).is_file():
+        here = {(Path(r["path"]).parent.name, r["run"]) for r in runs}
+        runs += [r for r in json.loads(Path(a.previous).read_text())["runs"]
+                 if r["done"] and (Path(r["path"]).parent.name, r["run"]) not in here]
     done = [r for r in runs if r["done"]]
     buckets = sorted({t for r in done for t in r["final"]}, key=int)
     groups: dict[tuple, list[dict]] = {}
