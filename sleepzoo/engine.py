@@ -80,9 +80,18 @@ def check_stabilisers(model: Any, gate: Any, pass_norm: Any, truncate: Any) -> d
     if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 1):
         raise SleepzooError(f"sleep.truncate={truncate!r} is invalid: give a number of windows >= 1, or null for "
                             f"full BPTT")
-    if gate and getattr(model, "sleep_gate", None) is None:
-        raise SleepzooError("sleep.gate=true but the model has no sleep gate: build it with sleep.gate: true in "
-                            "its recipe (sleepzoo.build_model), or call model.add_sleep_gate() before training")
+    if gate:
+        g = getattr(model, "sleep_gate", None)
+        if g is None:
+            raise SleepzooError("sleep.gate=true but the model has no sleep gate: build it with sleep.gate: true in "
+                                "its recipe (sleepzoo.build_model), or call model.add_sleep_gate() before training")
+        want = len(model.loop) + len(model.coda)
+        if g.numel() != want:
+            raise SleepzooError(f"model.sleep_gate has {g.numel()} entries but the model has {want} looped and coda "
+                                f"blocks (was the loop range changed after the gate was made?); rebuild the gate")
+    if pass_norm and getattr(model, "pass_norm_builtin", False):
+        raise SleepzooError(f"sleep.pass_norm=true: {type(model).__name__} already applies its final norm at the "
+                            f"end of every loop step; leave sleep.pass_norm false")
     if pass_norm and (not hasattr(model, "final_norm") or model.final_norm() is None):
         raise SleepzooError(f"sleep.pass_norm=true but {type(model).__name__} has no final norm to apply "
                             f"between passes")
@@ -207,12 +216,12 @@ def gate_fast_weights(mixer: torch.nn.Module, woken: Any, slept: Any, g: Tensor)
 
 
 def truncate_states(states: Sequence[Any], mixers: Sequence[torch.nn.Module]) -> list:
-    """The states with their fast weights detached (``sleep.truncate``): no gradient flows back through them."""
+    """The states detached (``sleep.truncate``): fast weights and the caches retained under sliding_window
+    (which older fast weights produced), so no gradient flows back through anything older."""
     out = []
-    for mixer, state in zip(mixers, states):
-        carried = getattr(mixer, "carried_state", ())
+    for state in states:
         if state:
-            state = {k: (v.detach() if k in carried and isinstance(v, Tensor) else v) for k, v in state.items()}
+            state = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in state.items()}
         out.append(state)
     return out
 
@@ -291,9 +300,20 @@ def _check_inputs(model: "SleepModel", input_ids: Any, targets: Any) -> None:
                             f"{getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
     if input_ids.shape[1] == 0:
         raise SleepzooError("input_ids is empty: give at least one token per sequence")
+    if input_ids.shape[0] == 0:
+        raise SleepzooError("input_ids has no rows: give a batch of at least one sequence")
+    if targets is not None and not isinstance(targets, Tensor):
+        raise SleepzooError(f"targets must be a LongTensor like input_ids (or None), got {type(targets).__name__}")
     if targets is not None and targets.shape != input_ids.shape:
         raise SleepzooError(f"targets shape {tuple(targets.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
     vocab = model.vocab_size
+    if targets is not None:
+        if targets.dtype != torch.long:
+            raise SleepzooError(f"targets must be a LongTensor (token ids, -100 where no loss), got {targets.dtype}")
+        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab))
+        if bool(bad.any()):
+            raise SleepzooError(f"targets hold {int(bad.sum())} ids outside [0, {vocab}) that are not -100 (e.g. "
+                                f"{int(targets[bad][0])}); is the recipe's vocab_size that of the task?")
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
         raise SleepzooError(f"input_ids hold ids outside [0, {vocab}): min {int(input_ids.min())}, "
                             f"max {int(input_ids.max())}; is the recipe's vocab_size that of the task?")
@@ -318,7 +338,7 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
     if coda not in CODA_MODES:
         raise SleepzooError(f"sleep.coda={coda!r} is invalid: choose {' or '.join(CODA_MODES)}")
     stabilise["coda"] = coda
-    if return_logits not in (True, False, "targets"):
+    if not (isinstance(return_logits, bool) or return_logits == "targets"):
         raise SleepzooError(f"return_logits={return_logits!r} is invalid: give True, False or 'targets'")
     if return_logits == "targets" and targets is None:
         raise SleepzooError("return_logits='targets' needs targets: the positions to compute logits at")

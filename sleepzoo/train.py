@@ -719,34 +719,46 @@ def _micro_batches(rows: int, size: int | None) -> list[tuple[int, int]]:
 
 
 def _accumulate(runner: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, micro: int | None,
-                total_targets: float, world: int, precision: "Precision", params: list[nn.Parameter]) -> torch.Tensor:
+                total_targets: float, world: int, precision: "Precision", params: list[nn.Parameter],
+                max_rows: int | None = None) -> torch.Tensor:
     """Forward and backward of this rank's rows in micro-batches of ``micro`` rows (``train.micro_batch_size``),
     gradients accumulating. Each micro-batch's mean loss is weighted by its share of the step's targets over all
     ranks (times ``world``, which DDP/FSDP divide out), so the summed gradient is that of one batch. Only the
-    last backward synchronises gradients under DDP. Returns the rank's weighted loss (detached): the step's
-    mean loss on one process."""
-    ranges = _micro_batches(input_ids.shape[0], micro)
+    last backward synchronises gradients under DDP and FSDP. Returns the rank's weighted loss (detached): the
+    step's mean loss on one process.
+
+    Under several processes every rank runs the same number of forwards and backwards (the collectives of DDP
+    and FSDP pair up call by call): as many micro-batches as the largest slice (``max_rows`` rows) needs, and a
+    micro-batch without targets (or a rank's extra one) runs as a forward and backward with weight 0."""
+    rows = input_ids.shape[0]
+    ranges = _micro_batches(rows, micro)
+    if world > 1 and max_rows is not None:
+        count = len(_micro_batches(max_rows, micro))
+        ranges += [(rows - 1, rows)] * (count - len(ranges))  # zero-weight repeats of the last row
     inner = getattr(runner, "module", runner)  # under DDP, the model it wraps
     # sleepzoo models compute the head at the target positions only; other models are called as they were
     kwargs = {"return_logits": False} if getattr(inner, "supports_target_logits", False) else {}
     total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+    real = len(_micro_batches(rows, micro))
     for i, (a, b) in enumerate(ranges):
         tg = targets[a:b]
-        n = int((tg != IGNORE_INDEX).sum())
+        n = int((tg != IGNORE_INDEX).sum()) if i < real else 0
+        if n == 0 and world == 1:
+            continue  # nothing to learn from, nobody to keep in step with
         last = i + 1 == len(ranges)
         if hasattr(runner, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last backward only
             runner.set_requires_gradient_sync(last)
         sync = contextlib.nullcontext() if last or not hasattr(runner, "no_sync") else runner.no_sync()
         with sync:
-            if n == 0:  # no loss here; a zero that touches the parameters keeps DDP's reduction in step
-                if last and world > 1:
-                    precision.backward(sum(p.reshape(-1)[0] * 0.0 for p in params))
-                continue
+            if n == 0:  # keep the collectives in step: a real forward and backward that changes nothing
+                tg = torch.full_like(tg, IGNORE_INDEX)
+                tg[:, 0] = input_ids[a:b, 0]
             with precision.autocast():
                 out = runner(input_ids[a:b], tg, **kwargs)
             if out.loss is None:
                 raise SleepzooError("the model returned no loss for a micro-batch with targets")
-            loss = out.loss.float() * distributed.loss_weight(n, total_targets, world)
+            weight = distributed.loss_weight(n, total_targets, world) if n else 0.0
+            loss = out.loss.float() * weight
             precision.backward(loss)
         total += loss.detach()
     return total
@@ -866,8 +878,9 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool) -> dict:
                     raise SleepzooError(f"the {recipe.task.name} training batch of step {step + 1} has no targets")
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
+                max_rows = -(-scfg.batch_size // world)  # the largest slice (shard_bounds: sizes differ by <= 1)
                 loss = _accumulate(runner, input_ids, targets, scfg.micro_batch_size, total_targets, world,
-                                   precision, params)
+                                   precision, params, max_rows)
                 precision.unscale(optimizers)
                 max_norm = scfg.grad_clip if scfg.grad_clip > 0 else math.inf
                 grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))

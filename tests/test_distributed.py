@@ -397,3 +397,15 @@ def test_micro_batches_with_stages_and_bf16_autocast(tmp_path):
     assert [r["step"] for r in la] == [r["step"] for r in lb] == [1, 2, 3, 4]
     for ra, rb in zip(la, lb):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-3)  # bf16 matmuls of other shapes round apart
+
+
+def test_uneven_slices_in_micro_batches_under_fsdp(tmp_path):
+    """Batch 5 over 2 ranks (3 + 2 rows) in micro-batches of 2: rank 0 needs 2, rank 1 one real and one
+    zero-weight micro-batch, so the FSDP collectives pair up; the update is the one-process update."""
+    recipe = tiny_recipe("train.batch_size=5", "train.micro_batch_size=2", "train.parallel=fsdp")
+    train(tiny_recipe("train.batch_size=5"), tmp_path / "one", progress=False)
+    yaml_path = tmp_path / "uneven.yaml"
+    yaml_path.write_text(recipe.to_yaml())
+    torchrun(yaml_path, tmp_path / "two")
+    assert_same_curve(tmp_path / "one", tmp_path / "two")
+    assert_same_weights(tmp_path / "one" / "final" / "model.safetensors", tmp_path / "two" / "final" / "model.safetensors")

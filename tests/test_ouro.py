@@ -335,3 +335,19 @@ def test_tied_ouro_stays_tied():
     model.to_empty(device="cpu")
     model.tie_weights()
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_pass_norm_is_refused_on_ouro_whose_steps_end_with_the_norm():
+    from sleepzoo import engine
+
+    model = OuroLM.from_config(TINY_OURO_FOR_PASS_NORM)
+    with pytest.raises(SleepzooError, match="already applies its final norm"):
+        engine.run(model, torch.randint(0, 41, (1, 8)), window=4, loops=2, pass_norm=True)
+
+
+TINY_OURO_FOR_PASS_NORM = {
+    "architectures": ["OuroForCausalLM"], "model_type": "ouro", "vocab_size": 41, "hidden_size": 16,
+    "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 4, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "total_ut_steps": 2, "early_exit_threshold": 1.0, "max_position_embeddings": 64, "torch_dtype": "float32",
+}

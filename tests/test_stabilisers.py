@@ -172,3 +172,32 @@ def test_gate_is_saved_and_trained(tmp_path):
     train(r, tmp_path / "run", progress=False)
     _, model, _, _ = load_run(tmp_path / "run")
     assert model.sleep_gate.abs().max() > 0
+
+
+def test_truncate_cuts_gradient_under_sliding_window_too():
+    ids = torch.randint(0, 11, (2, 18))
+    tg = torch.full((2, 18), -100)
+    tg[:, -2:] = torch.randint(0, 11, (2, 2))
+    grads = _embedding_grads(model_with(loops=2, truncate=1, eviction="sliding_window"), ids, tg)
+    # the retained K/V of earlier windows are detached with the fast weights: only the last window learns
+    assert grads[0].abs().max() == 0 and grads[1].abs().max() == 0 and grads[-1].abs().max() > 0
+
+
+def test_gate_of_the_wrong_length_is_one_clear_error():
+    model = model_with(loops=2, gate=True)
+    model.sleep_gate = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(SleepzooError, match="sleep_gate has 2 entries but the model has 4"):
+        model(torch.randint(0, 11, (1, 12)))
+
+
+def test_bad_forward_arguments_are_one_clear_error():
+    model = model_with(loops=2)
+    ids = torch.randint(0, 11, (2, 12))
+    with pytest.raises(SleepzooError, match="return_logits"):
+        model(ids, ids, return_logits=1)
+    with pytest.raises(SleepzooError, match="outside"):
+        model(ids, torch.full_like(ids, 11))
+    with pytest.raises(SleepzooError, match="LongTensor"):
+        model(ids, ids.float())
+    with pytest.raises(SleepzooError, match="no rows"):
+        model(ids[:0], ids[:0])

@@ -384,6 +384,9 @@ class OuroLM(SleepModel):
         """The last wake step is the looped one: each sleep pass is one more Ouro step."""
         return (self.wake_passes - 1, self.wake_passes)
 
+    #: every Ouro step ends with model.norm, so the norm between passes (sleep.pass_norm) is already there
+    pass_norm_builtin = True
+
     # The engine's contract: the wake pass is ``wake_passes`` Ouro steps; the last is the looped one, so the
     # steps before it are the prelude, and there is no coda (the head follows the step's own norm).
     @property
