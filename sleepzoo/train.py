@@ -742,7 +742,8 @@ def _accumulate(runner: nn.Module, input_ids: torch.Tensor, targets: torch.Tenso
     real = len(_micro_batches(rows, micro))
     for i, (a, b) in enumerate(ranges):
         tg = targets[a:b]
-        n = int((tg != IGNORE_INDEX).sum()) if i < real else 0
+        has = int((tg != IGNORE_INDEX).sum())
+        n = has if i < real else 0  # an extra micro-batch repeats a real row with weight 0
         if n == 0 and world == 1:
             continue  # nothing to learn from, nobody to keep in step with
         last = i + 1 == len(ranges)
@@ -750,9 +751,10 @@ def _accumulate(runner: nn.Module, input_ids: torch.Tensor, targets: torch.Tenso
             runner.set_requires_gradient_sync(last)
         sync = contextlib.nullcontext() if last or not hasattr(runner, "no_sync") else runner.no_sync()
         with sync:
-            if n == 0:  # keep the collectives in step: a real forward and backward that changes nothing
+            if has == 0:  # keep the collectives in step: a forward and backward that changes nothing, with a
+                # target where tasks put theirs (the end), so the backward reaches the blocks other ranks' does
                 tg = torch.full_like(tg, IGNORE_INDEX)
-                tg[:, 0] = input_ids[a:b, 0]
+                tg[:, -1] = input_ids[a:b, -1]
             with precision.autocast():
                 out = runner(input_ids[a:b], tg, **kwargs)
             if out.loss is None:
