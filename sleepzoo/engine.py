@@ -72,8 +72,11 @@ def check_sleep_args(window: Any, loops: Any) -> None:
             raise SleepzooError(f"{name}={value!r} is invalid: it must be an integer >= 1 ({hint})")
 
 
-def check_stabilisers(model: Any, gate: Any, pass_norm: Any, truncate: Any) -> dict:
-    """Validate ``gate``, ``pass_norm`` and ``truncate``; return the keyword arguments of :func:`consolidate`."""
+def check_stabilisers(model: Any, gate: Any, pass_norm: Any, truncate: Any, coda: Any = "sleep") -> dict:
+    """Validate ``gate``, ``pass_norm``, ``truncate`` and ``coda``; return the keyword arguments of
+    :func:`consolidate` (its callers, :func:`run` and :class:`Stream`, validate here once)."""
+    if coda not in CODA_MODES:
+        raise SleepzooError(f"sleep.coda={coda!r} is invalid: choose {' or '.join(CODA_MODES)}")
     for name, value in (("gate", gate), ("pass_norm", pass_norm)):
         if not isinstance(value, bool):
             raise SleepzooError(f"sleep.{name}={value!r} is invalid: it must be true or false")
@@ -95,7 +98,7 @@ def check_stabilisers(model: Any, gate: Any, pass_norm: Any, truncate: Any) -> d
     if pass_norm and (not hasattr(model, "final_norm") or model.final_norm() is None):
         raise SleepzooError(f"sleep.pass_norm=true but {type(model).__name__} has no final norm to apply "
                             f"between passes")
-    return {"gate": gate, "pass_norm": pass_norm}
+    return {"gate": gate, "pass_norm": pass_norm, "coda": coda}
 
 
 def resolve_eviction(eviction: Any, window: int, sleep_every: int | None = None) -> Any:
@@ -164,8 +167,6 @@ def consolidate(model: "SleepModel", feats: Tensor, states: Sequence[Any], start
     states = list(states)
     if passes <= 1:
         return states
-    if coda not in CODA_MODES:
-        raise SleepzooError(f"sleep.coda={coda!r} is invalid: choose {' or '.join(CODA_MODES)}")
     prelude, loop, after = block_lists(model)
     mixers = model.mixers()
     lo, hi = len(prelude), len(prelude) + len(loop)
@@ -234,9 +235,12 @@ LOSS_PIECE_ELEMENTS = 1 << 26
 def _piece_loss(model: "SleepModel", h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """(summed CE, logits) of features ``h`` (n, d) against targets ``y`` (n,)."""
     logits = model.head(h)
-    # half-precision logits are upcast for the loss; float32/float64 are kept as they are
-    scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    return F.cross_entropy(scores, y, reduction="sum"), logits
+    return F.cross_entropy(_for_loss(logits), y, reduction="sum"), logits
+
+
+def _for_loss(logits: Tensor) -> Tensor:
+    """Half-precision logits upcast for the loss; float32/float64 are kept as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def target_loss(model: "SleepModel", out: Tensor, targets: Tensor, keep_logits: bool = False,
@@ -273,8 +277,7 @@ def _wake_and_loss(model: "SleepModel", ids: Tensor, targets: Tensor | None, sta
     loss_sum = None
     if targets is not None:
         if full:
-            scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-            loss_sum = F.cross_entropy(scores.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+            loss_sum = F.cross_entropy(_for_loss(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                        reduction="sum")
         else:
             loss_sum, logits = target_loss(model, out, targets, keep_logits=logits_mode == "targets")
@@ -334,10 +337,7 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
     K-th chunk (truncated BPTT in blocks of K windows): a loss sends gradient back through at most K windows
     of fast weights, never through older ones."""
     check_sleep_args(window, loops)
-    stabilise = check_stabilisers(model, gate, pass_norm, truncate)
-    if coda not in CODA_MODES:
-        raise SleepzooError(f"sleep.coda={coda!r} is invalid: choose {' or '.join(CODA_MODES)}")
-    stabilise["coda"] = coda
+    stabilise = check_stabilisers(model, gate, pass_norm, truncate, coda)
     if not (isinstance(return_logits, bool) or return_logits == "targets"):
         raise SleepzooError(f"return_logits={return_logits!r} is invalid: give True, False or 'targets'")
     if return_logits == "targets" and targets is None:
@@ -402,10 +402,7 @@ class Stream:
                  sleep_every: int | None = None, gate: bool = False, pass_norm: bool = False,
                  truncate: int | None = None, coda: str = "sleep"):
         check_sleep_args(window, loops)
-        self.stabilise = check_stabilisers(model, gate, pass_norm, truncate)  # truncate: no gradient here
-        if coda not in CODA_MODES:
-            raise SleepzooError(f"sleep.coda={coda!r} is invalid: choose {' or '.join(CODA_MODES)}")
-        self.stabilise["coda"] = coda
+        self.stabilise = check_stabilisers(model, gate, pass_norm, truncate, coda)  # truncate: no gradient here
         self.model, self.loops = model, loops
         self.policy = resolve_eviction(eviction, window, sleep_every)
         self.mixers = model.mixers()

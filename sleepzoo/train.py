@@ -732,6 +732,7 @@ def _accumulate(runner: nn.Module, input_ids: torch.Tensor, targets: torch.Tenso
     micro-batch without targets (or a rank's extra one) runs as a forward and backward with weight 0."""
     rows = input_ids.shape[0]
     ranges = _micro_batches(rows, micro)
+    real = len(ranges)  # micro-batches of this rank's own rows; any after them are zero-weight repeats
     if world > 1 and max_rows is not None:
         count = len(_micro_batches(max_rows, micro))
         ranges += [(rows - 1, rows)] * (count - len(ranges))  # zero-weight repeats of the last row
@@ -739,7 +740,6 @@ def _accumulate(runner: nn.Module, input_ids: torch.Tensor, targets: torch.Tenso
     # sleepzoo models compute the head at the target positions only; other models are called as they were
     kwargs = {"return_logits": False} if getattr(inner, "supports_target_logits", False) else {}
     total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
-    real = len(_micro_batches(rows, micro))
     for i, (a, b) in enumerate(ranges):
         tg = targets[a:b]
         has = int((tg != IGNORE_INDEX).sum())

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sleepzoo
+from test_engine import manual_block
 
 LAYERS = ["gated_deltanet", "attention", "gated_deltanet", "attention", "gated_deltanet"]
 
@@ -33,15 +34,7 @@ def manual(model, ids, window, loops, coda="sleep"):
     blocks = list(model.model.layers)
 
     def block(i, h, S):
-        mixer, b = blocks[i].self_attn, blocks[i]
-        x = b.input_layernorm(h)
-        if hasattr(mixer, "rule"):
-            out, st = mixer(x, {"fast_weights": S[i]} if i in S else None)
-            S[i] = st["fast_weights"]
-        else:
-            out, _ = mixer(x, None)
-        h = h + out
-        return h + b.mlp(b.post_attention_layernorm(h))
+        return manual_block(blocks[i], i, h, S)
 
     S, logits = {}, []
     chunks = list(torch.split(ids, window, dim=1))

@@ -39,6 +39,20 @@ def plain_forward(model, ids):
     return model.lm_head(model.model.norm(h))
 
 
+def manual_block(block, i, h, S):
+    """One pre-norm block by hand with no cache: fast-weight mixers (those with a ``rule``) read and update
+    ``S[i]`` in place of the engine's state; attention sees only ``h``."""
+    mixer = block.self_attn
+    x = block.input_layernorm(h)
+    if hasattr(mixer, "rule"):
+        out, st = mixer(x, {"fast_weights": S[i]} if i in S else None)
+        S[i] = st["fast_weights"]
+    else:
+        out, _ = mixer(x, None)
+    h = h + out
+    return h + block.mlp(block.post_attention_layernorm(h))
+
+
 def manual_sleep_forward(model, ids, window, loops):
     """SPEC 1 written out directly: per window embed, N passes over all blocks carrying only the fast
     weights S across passes and windows; logits from the first (wake) pass."""
@@ -50,15 +64,7 @@ def manual_sleep_forward(model, ids, window, loops):
         passes = loops if c + 1 < len(chunks) else 1
         for p in range(passes):
             for i, block in enumerate(model.model.layers):
-                mixer = block.self_attn
-                x = block.input_layernorm(h)
-                if hasattr(mixer, "rule"):
-                    out, st = mixer(x, {"fast_weights": S[i]} if i in S else None)
-                    S[i] = st["fast_weights"]
-                else:
-                    out, _ = mixer(x, None)
-                h = h + out
-                h = h + block.mlp(block.post_attention_layernorm(h))
+                h = manual_block(block, i, h, S)
             if p == 0:
                 logits.append(model.lm_head(model.model.norm(h)))
     return torch.cat(logits, dim=1)

@@ -8,6 +8,7 @@ import torch
 import sleepzoo
 from sleepzoo import SleepzooError
 from sleepzoo.config import RecipeError
+from test_engine import manual_block
 
 LAYERS = ["attention", "gated_deltanet", "attention", "gated_deltanet"]
 
@@ -46,15 +47,7 @@ def manual(model, ids, window, loops, gate=None, pass_norm=False):
             if p > 0 and pass_norm:
                 h = model.model.norm(h)
             for i, block in enumerate(model.model.layers):
-                mixer = block.self_attn
-                x = block.input_layernorm(h)
-                if hasattr(mixer, "rule"):
-                    out, st = mixer(x, {"fast_weights": S[i]} if i in S else None)
-                    S[i] = st["fast_weights"]
-                else:
-                    out, _ = mixer(x, None)
-                h = h + out
-                h = h + block.mlp(block.post_attention_layernorm(h))
+                h = manual_block(block, i, h, S)
             if p == 0:
                 logits.append(model.lm_head(model.model.norm(h)))
                 woken = dict(S)

@@ -176,20 +176,22 @@ class Rule110(Task):
         """Cell 0 of each state after ``steps`` updates (default: the task's; required in the mixed-depth
         form); ``cells`` is 0/1 ``[..., bits]``."""
         cells = np.asarray(cells, dtype=np.uint8)
-        if steps is not None or self.step_list is not None:
-            if steps is None:
+        if steps is None:
+            if self.step_list is not None:
                 raise SleepzooError(f"Rule110.answers: this task mixes steps={self.step_list}; say which t")
-            return rule110_evolve(cells, _check_int("Rule110.answers", "steps", steps, minimum=0))[..., 0]
-        if self.bits <= 64:
-            return self._answers_packed(np.packbits(cells, axis=-1, bitorder="little"))
-        return rule110_evolve(cells, self.steps)[..., 0]
+            steps = self.steps
+        steps = _check_int("Rule110.answers", "steps", steps, minimum=0)
+        raw = np.packbits(cells, axis=-1, bitorder="little") if self.bits <= 64 else None
+        return self._cell0(raw, cells, steps)
 
-    def _answers_packed(self, raw: np.ndarray) -> np.ndarray:
-        """:meth:`answers` from packed bytes ``[..., nbytes]`` (bits <= 64): view them as uint64 words."""
+    def _cell0(self, raw: np.ndarray | None, cells: np.ndarray, steps: int) -> np.ndarray:
+        """Cell 0 after ``steps`` updates: from the packed bytes ``[..., nbytes]`` viewed as uint64 words when
+        bits <= 64 (much faster), else from the 0/1 ``cells``."""
+        if self.bits > 64:
+            return rule110_evolve(cells, steps)[..., 0]
         padded = np.zeros(raw.shape[:-1] + (8,), dtype=np.uint8)
         padded[..., : raw.shape[-1]] = raw
-        words = padded.view("<u8")[..., 0]
-        return (_evolve_packed(words, self.bits, self.steps) & _U64(1)).astype(np.uint8)
+        return (_evolve_packed(padded.view("<u8")[..., 0], self.bits, steps) & _U64(1)).astype(np.uint8)
 
     def _build(self, content: Any, split: str) -> dict[str, torch.Tensor]:
         if self.step_list is None:
@@ -203,13 +205,12 @@ class Rule110(Task):
         n = raw.shape[0]
         cells = self._unpack(raw)  # [n, S, B]
         if t_of is None:
-            # [n, S]; the packed path starts from the drawn bytes directly (no repacking).
-            answer = self._answers_packed(raw) if self.bits <= 64 else rule110_evolve(cells, self.steps)[..., 0]
+            answer = self._cell0(raw, cells, self.steps)  # [n, S], from the drawn bytes (no repacking)
         else:
             answer = np.zeros((n, self.states), dtype=np.uint8)
             for t in np.unique(t_of):
                 rows = t_of == t
-                answer[rows] = self._answer_at(raw[rows], cells[rows], int(t))
+                answer[rows] = self._cell0(raw[rows], cells[rows], int(t))
         ids = np.empty((n, self.seq_len), dtype=np.int64)
         body = self.states * self._span
         states = ids[:, :body].reshape(n, self.states, self._span)
@@ -226,14 +227,6 @@ class Rule110(Task):
         if t_of is not None:
             out["t"] = torch.from_numpy(t_of)
         return out
-
-    def _answer_at(self, raw: np.ndarray, cells: np.ndarray, steps: int) -> np.ndarray:
-        """Cell 0 after ``steps`` updates, [n, S], from the packed bytes (or the cells when bits > 64)."""
-        if self.bits > 64:
-            return rule110_evolve(cells, steps)[..., 0]
-        padded = np.zeros(raw.shape[:-1] + (8,), dtype=np.uint8)
-        padded[..., : raw.shape[-1]] = raw
-        return (_evolve_packed(padded.view("<u8")[..., 0], self.bits, steps) & _U64(1)).astype(np.uint8)
 
     # --------------------------------------------------------------------------------------- display
     def decode(self, ids: Any, targets: Any = None) -> str:
