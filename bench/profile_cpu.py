@@ -2,7 +2,7 @@
 
     python bench/profile_cpu.py window --loops 2      # torch profiler: one consolidated window, top kernels
     python bench/profile_cpu.py decode                # torch profiler: one-token decoding
-    python bench/profile_cpu.py short-conv            # A/B: decode with the short-conv sum over taps vs conv1d
+    python bench/profile_cpu.py short-conv           # A/B: the depthwise conv as a sum over taps vs conv1d
 
 Same model and window as the ``loops`` and ``wake`` suites of ``sleepzoo bench``.
 """
@@ -14,6 +14,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import sleepzoo.mixers.gated_deltanet as gdn
@@ -59,26 +60,32 @@ def profile_decode(rows: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
-@torch.no_grad()
-def short_conv_ab(tokens: int) -> None:
-    """Two forks of one stream decode alternately, one with the sum over taps, one with conv1d."""
-    stream = _decode_stream()
-    taps, conv = stream.fork(), stream.fork()
-    token = torch.zeros(1, 1, dtype=torch.long)
-    saved = gdn._SHORT_CONV
-    t_taps, t_conv = [], []
-    try:
-        for _ in range(tokens):
-            for fork, threshold, times in ((taps, saved, t_taps), (conv, 0, t_conv)):
-                gdn._SHORT_CONV = threshold
+def _conv1d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The causal depthwise conv through ``F.conv1d`` (no history): the path the taps replaced."""
+    width = weight.shape[-1]
+    y = F.conv1d(x.transpose(1, 2), weight, padding=width - 1, groups=x.shape[-1])
+    return y[..., :x.shape[1]].transpose(1, 2)
+
+
+def short_conv_ab(repeats: int) -> None:
+    """The causal depthwise conv, forward and backward, as a sum over taps (sleepzoo's) against ``F.conv1d``,
+    the two alternated call by call at a decoding shape, the sleep study's shape and two long ones."""
+    print("| B, T, C | sum over taps (ms) | conv1d (ms) | taps / conv1d (median of per-pair ratios) |")
+    print("|---|---:|---:|---:|")
+    for B, T, C in ((1, 1, 1024), (64, 25, 64), (8, 512, 192), (2, 256, 1024)):
+        x = torch.randn(B, T, C, requires_grad=True)
+        weight = torch.randn(C, 1, 4, requires_grad=True)
+        cases = {"taps": lambda: gdn.causal_depthwise_conv(x, weight)[0], "conv1d": lambda: _conv1d(x, weight)}
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for i in range(repeats + 5):
+            for name, fn in cases.items():
                 t0 = time.perf_counter()
-                fork.feed(token)
-                times.append(time.perf_counter() - t0)
-    finally:
-        gdn._SHORT_CONV = saved
-    ratio = statistics.median(a / b for a, b in zip(t_taps, t_conv))
-    print(f"sum over taps {statistics.median(t_taps) * 1e3:.2f} ms/token, conv1d "
-          f"{statistics.median(t_conv) * 1e3:.2f} ms/token, median per-token ratio {ratio:.3f}")
+                fn().sum().backward()
+                if i >= 5:  # warm-up calls not counted
+                    times[name].append(time.perf_counter() - t0)
+        ratio = statistics.median(a / b for a, b in zip(times["taps"], times["conv1d"]))
+        print(f"| {B}, {T}, {C} | {statistics.median(times['taps']) * 1e3:.3f} | "
+              f"{statistics.median(times['conv1d']) * 1e3:.3f} | {ratio:.3f} |")
 
 
 def main() -> None:
@@ -86,14 +93,14 @@ def main() -> None:
     parser.add_argument("what", choices=["window", "decode", "short-conv"])
     parser.add_argument("--loops", type=int, default=2)
     parser.add_argument("--rows", type=int, default=25)
-    parser.add_argument("--tokens", type=int, default=150)
+    parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     if args.what == "window":
         profile_window(args.loops, args.rows)
     elif args.what == "decode":
         profile_decode(args.rows)
     else:
-        short_conv_ab(args.tokens)
+        short_conv_ab(args.repeats)
 
 
 if __name__ == "__main__":

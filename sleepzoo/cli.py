@@ -634,7 +634,7 @@ def sweep_command(recipe: str, grid: tuple[str, ...], out_dir: str, jobs: int, d
 @click.option("--list", "list_cases", is_flag=True, help="List the cases of the suites and exit.")
 def bench_command(suites: tuple[str, ...], json_path: str | None, plot_path: str | None, compare_path: str | None,
                   size: str, threads: int | None, device: str, list_cases: bool) -> None:
-    """Measure the cost of sleep on this machine. SUITES: ops, loops, window, wake, memory (default: all).
+    """Measure the cost of sleep on this machine. SUITES: ops, loops, window, wake, memory, study (default: all).
 
     \b
       sleepzoo bench                                   # every suite, a table each and the acceptance checks

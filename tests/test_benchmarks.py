@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from torch.utils.flop_counter import FlopCounterMode
 
+import sleepzoo
 from sleepzoo import benchmarks
+from sleepzoo.config import load_recipe
 from sleepzoo.benchmarks import core, output, suites
 from sleepzoo.cli import main
 from sleepzoo.ops import gated_delta_rule
@@ -234,3 +237,21 @@ def test_tables_have_a_row_per_case_with_names_intact():
     text = console.export_text()
     assert "full_attention[ctx=1024]" in text and "2.000x" in text  # not eaten as markup; now / saved
     assert result.extra_info["tokens_per_s"] == 500 and result.extra_info["ratio_to_baseline"] == 1.0
+
+
+def test_study_suite_is_the_study_recipe():
+    """`sleepzoo bench study` times the sleep study's model and task: its settings are the recipe's, and a
+    case's tokens per call are those of the task's batches."""
+    import yaml
+
+    from sleepzoo.benchmarks.suites import STUDY
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parent.parent / "recipes/study/rule110-depth.yaml").read_text())
+    assert STUDY["model"] == recipe["model"]
+    assert STUDY["task"] == recipe["task"]
+    assert {**recipe["sleep"], "loops": 1} == STUDY["sleep"]
+    for key, value in STUDY["train"].items():
+        assert recipe["train"][key] == value, key
+    case = benchmarks.cases("study", "tiny")[0]
+    batch = sleepzoo.build_task(load_recipe(STUDY)).generate(case.params["B"], seed=0)
+    assert batch["input_ids"].numel() == case.tokens

@@ -175,15 +175,17 @@ def test_gated_deltanet_bad_sizes():
 
 @pytest.mark.parametrize("T", [1, 3, 16, 17, 40])
 @pytest.mark.parametrize("history", [None, 0, 1, 3])
-def test_causal_depthwise_conv_both_paths_match_a_tap_loop(T, history):
-    """Short inputs take a sum over taps, long ones conv1d: both equal the definition, values and grads."""
+def test_causal_depthwise_conv_matches_a_tap_loop(T, history):
+    """The sum over taps (one-token decoding, and the hand-written backward of longer inputs) equals the
+    definition written as a loop, values and gradients (of x, the weight and the history), in float64."""
     from sleepzoo.mixers.gated_deltanet import causal_depthwise_conv
 
     gen = torch.Generator().manual_seed(T)
     B, C, W = 2, 5, 4
     x = torch.randn(B, T, C, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(C, 1, W, generator=gen, dtype=torch.float64, requires_grad=True)
-    hist = None if history is None else torch.randn(B, history, C, generator=gen, dtype=torch.float64)
+    hist = None if history is None else torch.randn(B, history, C, generator=gen, dtype=torch.float64,
+                                                    requires_grad=True)
     y, nxt = causal_depthwise_conv(x, weight, hist)
     full = x if hist is None else torch.cat([hist, x], dim=1)
     P = full.shape[1] - T
@@ -196,10 +198,27 @@ def test_causal_depthwise_conv_both_paths_match_a_tap_loop(T, history):
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(nxt, full[:, -(W - 1):])
     g = torch.randn(B, T, C, generator=gen, dtype=torch.float64)
-    grads = torch.autograd.grad(y, (x, weight), g)
-    grads_ref = torch.autograd.grad(ref, (x, weight), g)
+    inputs = (x, weight) if hist is None or history == 0 else (x, weight, hist)
+    grads = torch.autograd.grad(y, inputs, g)
+    grads_ref = torch.autograd.grad(ref, inputs, g)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_tap_conv_gradcheck_and_low_precision_accumulates_in_float32():
+    """The hand-written backward passes gradcheck; bf16 inputs are summed in float32 and rounded once."""
+    from sleepzoo.mixers.gated_deltanet import _TapConv, causal_depthwise_conv
+
+    gen = torch.Generator().manual_seed(0)
+    seq = torch.randn(2, 9, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    taps = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_TapConv.apply, (seq, taps))
+    x = torch.randn(2, 30, 8, generator=gen).bfloat16()
+    w = torch.randn(8, 1, 4, generator=gen).bfloat16()
+    y, _ = causal_depthwise_conv(x, w)
+    assert y.dtype == torch.bfloat16
+    y64, _ = causal_depthwise_conv(x.double(), w.double())
+    torch.testing.assert_close(y, y64.bfloat16(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["bf16-weights", "autocast"])

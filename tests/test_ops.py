@@ -138,7 +138,7 @@ def _recurrent(**kw):
     return gated_delta_rule_recurrent(**kw, output_final_state=True)
 
 
-OPS = {"chunk16": _chunk(16), "chunk64": _chunk(64), "recurrent": _recurrent}
+OPS = {"chunk16": _chunk(16), "chunk64": _chunk(64), "chunk256": _chunk(256), "recurrent": _recurrent}  # 256: one chunk
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -179,16 +179,18 @@ def test_qk_l2norm(op):
     assert_matches(run_with_grads(ours, inputs, torch.float32, do, dS), expected, TOL[torch.float32], op)
 
 
+@pytest.mark.parametrize("chunk", [64, 256], ids=["C64", "one_chunk"])
 @pytest.mark.parametrize("g_kind", ["all_minus20", "mixed_0_to_minus20"])
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-def test_strongly_negative_g_is_finite(dtype, g_kind):
-    """g = -20 per step: in-chunk cumulative log-decays reach -1280, yet values and gradients stay finite."""
-    T = 130  # two full chunks of 64 plus a padded tail
+def test_strongly_negative_g_is_finite(dtype, g_kind, chunk):
+    """g = -20 per step: in-chunk cumulative log-decays reach -1280 (-2600 in one chunk of 256), yet values and
+    gradients stay finite."""
+    T = 130  # two full chunks of 64 plus a padded tail, or one chunk
     inputs = make_inputs(T, seed=4, g_fill=-20.0 if g_kind == "all_minus20" else None)
     if g_kind == "mixed_0_to_minus20":
         inputs["g"] = -20.0 * torch.rand(B, T, H, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     do, dS = upstream(T)
-    result = run_with_grads(_chunk(64), inputs, DTYPES[dtype], do, dS)
+    result = run_with_grads(_chunk(chunk), inputs, DTYPES[dtype], do, dS)
     o, S, grads = result
     assert torch.isfinite(o).all() and torch.isfinite(S).all()
     for name, grad in grads.items():

@@ -13,6 +13,9 @@
             attention cache as a preallocated buffer written in place and as a concatenation per token
 ``memory``  peak training memory (tensors created by a forward+backward) against N, with and without
             activation checkpointing per pass
+``study``   one training step (forward, backward, clipping, AdamW) of the CPU sleep study's model and task
+            (``recipes/study/rule110-depth.yaml``: d 64, 4 blocks, one evicted 25-token window, batch 64)
+            against loops N in {1, 2, 4}
 ==========  ==================================================================================================
 
 Every suite is a list of :class:`~sleepzoo.benchmarks.core.Case`; :func:`checks` turns a run's results into
@@ -35,7 +38,7 @@ from ..config import load_recipe
 from ..registry import SleepzooError
 from .core import Case, Result, matmul_rate, peak_bytes
 
-SUITES = ("ops", "loops", "window", "wake", "memory")
+SUITES = ("ops", "loops", "window", "wake", "memory", "study")
 HYBRID = ("attention", "gated_deltanet", "attention", "gated_deltanet")
 VOCAB = 256
 
@@ -49,6 +52,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "wake": {"d": 256, "L": 256, "contexts": (1024, 4096, 16384, 65536), "loops": (1, 4), "tokens": 96,
                  "position_L": 2000, "position_tokens": 48},
         "memory": {"d": 128, "B": 2, "L": 128, "windows": 8, "loops": (1, 2, 4, 8)},
+        "study": {"B": 64, "loops": (1, 2, 4), "rounds": 15},
     },
     "tiny": {
         "ops": {"B": 1, "T": 96, "H": 2, "K": 8, "V": 8, "rounds": 2, "recurrent_rounds": 1},
@@ -57,6 +61,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "wake": {"d": 32, "L": 16, "contexts": (32, 96), "loops": (1, 2), "tokens": 4, "position_L": 16,
                  "position_tokens": 4},
         "memory": {"d": 32, "B": 2, "L": 16, "windows": 3, "loops": (1, 2)},
+        "study": {"B": 4, "loops": (1, 2), "rounds": 2},
     },
 }
 
@@ -429,9 +434,58 @@ def _memory_cases(s: dict) -> list[Case]:
     return cases
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# study
+
+# The CPU sleep study's model, sleep and task (recipes/study/rule110-depth.yaml; a test keeps the two equal).
+STUDY = {
+    "model": {"name": "hybrid", "d_model": 64, "layers": list(HYBRID), "tie_embeddings": True,
+              "mixers": {"attention": {"num_heads": 4, "num_kv_heads": 4, "head_dim": 16},
+                         "gated_deltanet": {"num_heads": 4, "head_dim": 16, "expand_v": 1.0, "conv_size": 4,
+                                            "chunk_size": 32}}},
+    "sleep": {"window": 25, "loops": 1, "eviction": "full_flush", "gate": True},
+    "task": {"name": "rule110", "steps": [0, 1, 2, 3, 4, 6, 8], "states": 1, "bits": 24},
+    "train": {"optimizer": "adamw", "adamw_lr": 1.0e-3, "betas": [0.9, 0.95], "weight_decay": 1.0e-4},
+}
+
+
+def _study_cases(s: dict) -> list[Case]:
+    from ..train import batch_seed, build, build_optimizers  # the trainer's own pieces
+
+    B, dev = s["B"], s["device"]
+    cases = []
+    for N in s["loops"]:
+        def make(N: int = N) -> Callable[[], None]:
+            recipe = load_recipe({**STUDY, "sleep": {**STUDY["sleep"], "loops": N}})
+            model, task = build(recipe)
+            model.to(dev).train()
+            optimizers = build_optimizers(model, recipe.train)
+            params = [p for p in model.parameters() if p.requires_grad]
+            batches = [task.generate(B, seed=batch_seed(0, i), split="train") for i in range(4)]
+            batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
+            calls = [0]
+
+            def run() -> None:  # the trainer's step: zero_grad, forward, backward, clip, update
+                batch = batches[calls[0] % len(batches)]
+                calls[0] += 1
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                model(batch["input_ids"], batch["targets"], return_logits=False).loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                for opt in optimizers:
+                    opt.step()
+            return run
+
+        T = STUDY["sleep"]["window"] + 1  # the window and its query token
+        cases.append(Case("study", f"step[N={N}]", f"study: training step of the sleep study's model, B={B} T={T}",
+                          {"N": N, "B": B, "T": T}, make=make, tokens=B * T, baseline=f"step[N={s['loops'][0]}]",
+                          rounds=s["rounds"], warmup=2))
+    return cases
+
+
 BUILDERS: dict[str, Callable[[dict], list[Case]]] = {
     "ops": _ops_cases, "loops": _loops_cases, "window": _window_cases, "wake": _wake_cases,
-    "memory": _memory_cases}
+    "memory": _memory_cases, "study": _study_cases}
 
 
 def cases(suite: str, size: str = "default", device: str | torch.device = "cpu") -> list[Case]:

@@ -275,7 +275,8 @@ def gated_delta_rule(
 
     with ``M = Gamma_C I - Kd^T W_k`` (``[K, K]``), ``D = Kd^T W_v`` (``[K, V]``), ``Kd_j = exp(gamma_C - gamma_j) k_j``.
     Everything except ``S_next = M S0 + D`` is batched over all chunks at once; the only Python loop is that
-    one matmul-add per chunk, and the outputs are formed afterwards from the stacked chunk-entry states.
+    one matmul-add per chunk, and the outputs are formed afterwards from the stacked chunk-entry states. A
+    single chunk (T <= C) skips the loop, and from a zero state also every term that carries S0.
 
     Numerics: decays within a chunk are exponentials of *differences* of log-decays relative to the chunk start,
     masked to the lower triangle *before* the exp (the upper triangle would be ``exp(+large)`` = inf, and
@@ -325,20 +326,40 @@ def gated_delta_rule(
     # UT transform: unit lower-triangular (I + A), A_ij = beta_i exp(gamma_i - gamma_j) k_i.k_j for j < i.
     # unitriangular=True reads only the strictly lower triangle, so the diagonal k_i.k_i needs no masking.
     a = (k @ k.transpose(-1, -2)) * decay_mat * beta.unsqueeze(-1)  # (B, H, N, C, C)
-    k_beta = k * beta.unsqueeze(-1)  # (B, H, N, C, K)
-    # both right-hand sides in one solve: [beta V | beta Gamma K]
-    rhs = torch.cat([v * beta.unsqueeze(-1), k_beta * gamma.exp().unsqueeze(-1)], dim=-1)  # (B, H, N, C, V+K)
-    w = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)  # (B, H, N, C, V+K)
-    w_v, w_k = w.split([V, K], dim=-1)  # (B, H, N, C, V), (B, H, N, C, K)
+    v_beta = v * beta.unsqueeze(-1)  # (B, H, N, C, V)
+    p = (q @ k.transpose(-1, -2)) * decay_mat  # (B, H, N, C, C), causal incl. the diagonal
+    k_decay = k * (gamma_c - gamma).exp().unsqueeze(-1)  # (B, H, N, C, K), exponents <= 0
+    if N == 1:
+        # One chunk (T <= C): solve directly for the corrections U = (I + A)^-1 (beta V - beta Gamma K S0), then
+        # o = Gamma q S0 + P U and S_next = Gamma_C S0 + Kd^T U. Fewer ops than the WY form, which the
+        # chunks below need only because S0 of a later chunk is unknown until the loop reaches it. From a
+        # zero state (a fresh window's wake pass) every S0 term drops.
+        s0 = None if initial_state is None else initial_state.to(dt).unsqueeze(2)  # (B, H, 1, K, V)
+        rhs = v_beta if s0 is None else v_beta - (k * (beta * gamma.exp()).unsqueeze(-1)) @ s0
+        u = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)  # (B, H, 1, C, V)
+        o = p @ u
+        if s0 is not None:
+            o = o + (q * gamma.exp().unsqueeze(-1)) @ s0
+        o = chunks.merge(o)  # (B, T, H, V)
+        final_state = None
+        if output_final_state:
+            final_state = k_decay.transpose(-1, -2) @ u  # (B, H, 1, K, V)
+            if s0 is not None:
+                final_state = final_state + gamma_c.exp().unsqueeze(-1) * s0
+            final_state = final_state[:, :, 0]
+        return o.to(out_dtype), final_state
 
-    # intra-chunk read-out, causal incl. the diagonal (o_t reads the state after writing token t)
-    p = (q @ k.transpose(-1, -2)) * decay_mat  # (B, H, N, C, C)
+    # both right-hand sides in one solve: [beta V | beta Gamma K]
+    k_beta = k * beta.unsqueeze(-1)  # (B, H, N, C, K)
+    rhs = torch.cat([v_beta, k_beta * gamma.exp().unsqueeze(-1)], dim=-1)  # (B, H, N, C, V+K)
+    w = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)  # (B, H, N, C, V+K)
+
+    # intra-chunk read-out (o_t reads the state after writing token t)
     pw = p @ w  # (B, H, N, C, V+K)
     o_intra, pw_k = pw.split([V, K], dim=-1)  # (B, H, N, C, V), (B, H, N, C, K)
     q_state = q * gamma.exp().unsqueeze(-1) - pw_k  # (B, H, N, C, K): o = o_intra + q_state @ S0
 
     # chunk-to-chunk state transition S_next = M S0 + D
-    k_decay = k * (gamma_c - gamma).exp().unsqueeze(-1)  # (B, H, N, C, K), exponents <= 0
     kw = k_decay.transpose(-1, -2) @ w  # (B, H, N, K, V+K)
     d, kw_k = kw.split([V, K], dim=-1)  # (B, H, N, K, V), (B, H, N, K, K)
     eye = torch.eye(K, dtype=dt, device=q.device)
