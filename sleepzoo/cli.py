@@ -288,8 +288,15 @@ def plugins_group() -> None:
 @click.option("--kind", type=click.Choice(registry.KINDS), help="Only this kind of plugin.")
 @click.option("--json", "as_json", is_flag=True, help="A JSON list of {kind, name, provider, status, target}.")
 def plugins_list_command(kind: str | None, as_json: bool) -> None:
-    """List plugins with their provider and status (each is imported to learn whether it loads)."""
+    """List plugins with their provider and status (each is imported to learn whether it loads).
+
+    A plugin that does not load gets one line on stderr saying why; what plugins print while importing goes
+    to stderr too, so --json output is always JSON.
+    """
     infos = registry.info(kind, load=True)
+    for i in infos:
+        if i.error:
+            click.echo(f"warning: {' '.join(i.error.split())}", err=True)
     if as_json:
         click.echo(json.dumps([i.as_dict() for i in infos], indent=1))
         return

@@ -7,7 +7,13 @@ name is asked for, and whatever goes wrong then is reported against that name al
 
 * :class:`UnknownPluginError`   the name is not registered (with close matches and the known names);
 * :class:`MissingDependencyError` the plugin needs an optional package that is not installed;
-* :class:`PluginImportError`   the plugin's module raised while importing (names the distribution).
+* :class:`PluginImportError`   the plugin's module raised while importing (names the distribution);
+* :class:`PluginConflictError` two distributions register the name (names both; none is picked).
+
+A plugin's import is contained: any exception it raises (``SystemExit`` included, only ``KeyboardInterrupt``
+goes through) becomes a :class:`PluginImportError`, and whatever it prints goes to stderr, never to stdout
+(so ``sleepzoo plugins list --json`` stays JSON). A name that two distributions register is never resolved
+by install order: a built-in (distribution ``sleepzoo``) is never replaced silently.
 
 Example::
 
@@ -22,15 +28,20 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import fnmatch
 import importlib.metadata as md
+import io
+import os
 import site
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
 KINDS = ("attention", "rule", "mixer", "eviction", "task", "model")
+BUILTIN = "sleepzoo"  # the distribution that declares the built-in plugins
 
 
 class SleepzooError(Exception):
@@ -54,23 +65,29 @@ class PluginImportError(PluginError, ImportError):
     pass
 
 
+class PluginConflictError(PluginError):
+    pass
+
+
 @dataclass(frozen=True)
 class PluginInfo:
     kind: str
     name: str
     provider: str  # distribution name, or "<runtime>" for in-process registration
     target: str  # "module:attr" or the object's qualified name
-    status: str = "available"  # available | loaded | missing-dependency | import-error
+    status: str = "available"  # available | loaded | missing-dependency | import-error | conflict
+    error: str | None = None  # why it does not load (with load=True)
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "name": self.name, "provider": self.provider, "target": self.target,
-                "status": self.status}
+                "status": self.status, "error": self.error}
 
 
 _runtime: dict[str, dict[str, Any]] = {k: {} for k in KINDS}
 _loaded: dict[tuple[str, str], Any] = {}
 _failed: dict[tuple[str, str], PluginError] = {}
-_entry_points_cache: dict[str, dict[str, md.EntryPoint]] | None = None
+# kind -> name -> the entry points registering it, one per distribution (more than one is a conflict)
+_entry_points_cache: dict[str, dict[str, list[md.EntryPoint]]] | None = None
 
 
 def _check_kind(kind: str) -> None:
@@ -78,13 +95,13 @@ def _check_kind(kind: str) -> None:
         raise UnknownPluginError(f"unknown plugin kind {kind!r}; kinds are: {', '.join(KINDS)}")
 
 
-def _entry_points() -> dict[str, dict[str, md.EntryPoint]]:
+def _entry_points() -> dict[str, dict[str, list[md.EntryPoint]]]:
     global _entry_points_cache
     if _entry_points_cache is None:
-        found: dict[str, dict[str, md.EntryPoint]] = {k: {} for k in KINDS}
+        found: dict[str, dict[str, list[md.EntryPoint]]] = {k: {} for k in KINDS}
         for kind in KINDS:
-            for ep in md.entry_points(group=f"sleepzoo.{kind}"):
-                found[kind].setdefault(ep.name, ep)  # first installed distribution wins
+            for ep in md.entry_points(group=f"sleepzoo.{kind}"):  # one entry per distribution name
+                found[kind].setdefault(ep.name, []).append(ep)
         _entry_points_cache = found
     return _entry_points_cache
 
@@ -102,6 +119,42 @@ def refresh() -> None:
 def _provider(ep: md.EntryPoint) -> str:
     dist = getattr(ep, "dist", None)
     return dist.metadata["Name"] if dist is not None else "<unknown distribution>"
+
+
+def _conflict(kind: str, name: str, eps: list[md.EntryPoint]) -> PluginConflictError:
+    who = " and ".join(f"{_provider(ep)!r} ({ep.value})" for ep in eps)
+    others = [_provider(ep) for ep in eps if _provider(ep) != BUILTIN]
+    if len(others) < len(eps):  # one of them is sleepzoo's own
+        how = (f"a built-in is never replaced: uninstall {' and '.join(others)} (pip uninstall "
+               f"{' '.join(others)}) or ask its authors to rename their {kind}")
+    else:
+        how = f"uninstall all but one of them (e.g. pip uninstall {others[-1]})"
+    return PluginConflictError(
+        f"{kind} {name!r} is registered by {len(eps)} distributions, {who}; sleepzoo does not pick one by "
+        f"install order: {how}. In Python, registry.register({kind!r}, {name!r}) also chooses for this process.")
+
+
+@contextlib.contextmanager
+def _contained_output(captured: io.StringIO):
+    """Send everything printed inside to ``captured``: Python's sys.stdout and sys.stderr, and what native
+    code writes to file descriptor 1 goes to descriptor 2 (so nothing a plugin prints reaches stdout)."""
+    saved_fd = None
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        saved_fd = os.dup(1)
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        if saved_fd is not None:
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+
+
+def _excerpt(text: str, limit: int = 200) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit] + "..."
 
 
 def _load_entry_point(ep: md.EntryPoint) -> Any:
@@ -173,12 +226,18 @@ def get(kind: str, name: str) -> Any:
         return _loaded[key]
     if key in _failed:
         raise _failed[key]
-    ep = _entry_points()[kind].get(name)
-    if ep is None:
+    eps = _entry_points()[kind].get(name)
+    if not eps:
         raise _unknown(kind, name)
+    if len(eps) > 1:
+        _failed[key] = _conflict(kind, name, eps)
+        raise _failed[key]
+    ep = eps[0]
     provider = _provider(ep)
+    printed = io.StringIO()
     try:
-        obj = _load_entry_point(ep)
+        with _contained_output(printed):
+            obj = _load_entry_point(ep)
     except ModuleNotFoundError as exc:
         missing = exc.name or str(exc)
         own_module = ep.module.split(".")[0]
@@ -196,13 +255,19 @@ def get(kind: str, name: str) -> Any:
             )
         _failed[key] = err
         raise err from exc
-    except Exception as exc:  # a plugin raising anything on import is reported, not propagated raw
+    except BaseException as exc:  # anything a plugin raises on import is reported, not propagated raw
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        said = f" It printed: {_excerpt(printed.getvalue())}" if printed.getvalue().strip() else ""
         err = PluginImportError(
             f"{kind} {name!r} from distribution {provider!r} ({ep.value}) failed to import: "
-            f"{type(exc).__name__}: {exc}. Other plugins are unaffected; reinstall or fix that package."
+            f"{type(exc).__name__}: {_excerpt(str(exc)) or '(no message)'}.{said} Other plugins are "
+            f"unaffected; reinstall or fix that package."
         )
         _failed[key] = err
         raise err from exc
+    if printed.getvalue():  # a plugin that loads but talks: what it said goes to stderr
+        sys.stderr.write(printed.getvalue())
     _loaded[key] = obj
     return obj
 
@@ -219,17 +284,20 @@ def info(kind: str | None = None, *, load: bool = False) -> list[PluginInfo]:
                 obj = _runtime[k][n]
                 out.append(PluginInfo(k, n, "<runtime>", getattr(obj, "__qualname__", repr(obj)), "loaded"))
                 continue
-            ep = eps[n]
-            status = "available"
+            provider = ", ".join(_provider(ep) for ep in eps[n])
+            target = ", ".join(ep.value for ep in eps[n])
+            status, error = "available", None
             if load:
                 try:
                     get(k, n)
                     status = "loaded"
-                except MissingDependencyError:
-                    status = "missing-dependency"
-                except PluginImportError:
-                    status = "import-error"
+                except PluginError as exc:
+                    status, error = _STATUS.get(type(exc), "import-error"), str(exc)
             elif (k, n) in _loaded:
                 status = "loaded"
-            out.append(PluginInfo(k, n, _provider(ep), ep.value, status))
+            out.append(PluginInfo(k, n, provider, target, status, error))
     return out
+
+
+_STATUS = {MissingDependencyError: "missing-dependency", PluginImportError: "import-error",
+           PluginConflictError: "conflict"}

@@ -1,0 +1,178 @@
+"""Issue 13: every bad input gets one clear error (plugins, the Python API's targets, recipe values and sizes).
+
+Each kind of bad input is a parametrized test over the cases the issue found (and their neighbours); each
+asserts one ``SleepzooError`` (or one ``error:`` line from the CLI, exit status 2) that names the field or the
+argument. Third-party plugins are simulated without pip, as in test_registry: a ``<dist>-0.1.dist-info``
+folder (METADATA, entry_points.txt) and the plugin's module written to a folder put on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import sleepzoo
+from sleepzoo import registry
+from sleepzoo.cli import main
+from sleepzoo.config import RecipeError, load_recipe
+from sleepzoo.registry import PluginConflictError, PluginImportError, SleepzooError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "recipes" / "rule110-tiny.yaml"
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *needles: str) -> str:
+    """The CLI failed with exit status 2 and one ``error:`` line on stderr holding every needle."""
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def assert_one_line(exc: BaseException, *needles: str) -> None:
+    message = str(exc)
+    assert "\n" not in message.strip(), message
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plugins
+
+PACKAGE = "sleepzoo_hardening_plugins"
+# module name -> source; each plugin's class is ``Plugin``
+MODULES = {
+    "exits": "import sys\nsys.exit()\n",
+    "exits_3": "import sys\nsys.exit(3)\n",
+    "base_exception": "class Odd(BaseException):\n    pass\n\nraise Odd('not an Exception')\n",
+    "prints": "import os, sys\nprint('hello from a plugin')\nprint('to stderr', file=sys.stderr)\n"
+              "os.write(1, b'native write\\n')\n\nclass Plugin:\n    carried_state = ()\n",
+    "prints_then_fails": "print('about to fail')\nraise RuntimeError('boom')\n",
+    "good": "class Plugin:\n    carried_state = ()\n",
+}
+
+
+def _install(root: Path, dist: str, entry_points: str) -> None:
+    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+
+
+def _forget_modules() -> None:
+    for name in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def bad_plugins(tmp_path, monkeypatch):
+    """Distributions whose plugins exit, raise a BaseException, print, or register a taken name."""
+    package = tmp_path / PACKAGE
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for module, source in MODULES.items():
+        (package / f"{module}.py").write_text(source)
+    _install(tmp_path, "hardening-bad", f"""\
+        [sleepzoo.mixer]
+        hz_exits = {PACKAGE}.exits:Plugin
+        hz_exits_3 = {PACKAGE}.exits_3:Plugin
+        hz_base_exception = {PACKAGE}.base_exception:Plugin
+        hz_prints = {PACKAGE}.prints:Plugin
+        hz_prints_then_fails = {PACKAGE}.prints_then_fails:Plugin
+        gated_deltanet = {PACKAGE}.good:Plugin
+        hz_twice = {PACKAGE}.good:Plugin
+        """)
+    _install(tmp_path, "hardening-other", f"""\
+        [sleepzoo.mixer]
+        hz_twice = {PACKAGE}.good:Plugin
+        """)
+    _forget_modules()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.refresh()
+    yield tmp_path
+    monkeypatch.undo()
+    _forget_modules()
+    registry.refresh()
+
+
+@pytest.mark.parametrize("name, needles", [
+    ("hz_exits", ["SystemExit", "hardening-bad", "hz_exits"]),
+    ("hz_exits_3", ["SystemExit: 3", "hardening-bad"]),
+    ("hz_base_exception", ["Odd: not an Exception", "hardening-bad"]),
+    ("hz_prints_then_fails", ["RuntimeError: boom", "It printed: about to fail"]),
+])
+def test_plugin_import_failures_are_contained(bad_plugins, capfd, name, needles):
+    with pytest.raises(PluginImportError) as exc_info:
+        registry.get("mixer", name)
+    assert_one_line(exc_info.value, *needles)
+    assert capfd.readouterr().out == ""  # nothing reached stdout
+    assert registry.get("mixer", "attention").__name__ == "Attention"  # the others still load
+
+
+def test_plugin_output_at_import_goes_to_stderr(bad_plugins, capfd):
+    assert registry.get("mixer", "hz_prints").__name__ == "Plugin"
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert "hello from a plugin" in err and "to stderr" in err and "native write" in err
+
+
+@pytest.mark.parametrize("name, needles", [
+    ("gated_deltanet", ["'sleepzoo' (sleepzoo.mixers.gated_deltanet:GatedDeltaNet)",
+                        f"'hardening-bad' ({PACKAGE}.good:Plugin)", "never replaced", "pip uninstall hardening-bad"]),
+    ("hz_twice", ["'hardening-bad'", "'hardening-other'", "uninstall all but one"]),
+])
+def test_a_name_registered_twice_is_an_error_naming_both(bad_plugins, name, needles):
+    with pytest.raises(PluginConflictError) as exc_info:
+        registry.get("mixer", name)
+    assert_one_line(exc_info.value, f"mixer {name!r}", *needles)
+    assert f"registry.register('mixer', {name!r})" in str(exc_info.value)  # the other way to choose
+    info = {i.name: i for i in registry.info("mixer", load=True)}[name]
+    assert info.status == "conflict" and "hardening-bad" in info.provider
+
+
+def test_a_builtin_name_taken_by_a_plugin_fails_the_stock_recipe(bad_plugins):
+    recipe = load_recipe(TINY)
+    with pytest.raises(SleepzooError) as exc_info:
+        with torch.device("meta"):
+            sleepzoo.build_model(recipe)
+    assert_one_line(exc_info.value, "gated_deltanet", "hardening-bad", "sleepzoo")
+
+
+def test_plugins_list_reports_one_line_per_failed_plugin(bad_plugins):
+    result = invoke("plugins", "list", "--kind", "mixer", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)}  # stdout is JSON, whatever the plugins print
+    failed = {"hz_exits", "hz_exits_3", "hz_base_exception", "hz_prints_then_fails", "gated_deltanet", "hz_twice"}
+    assert {n for n, r in rows.items() if r["error"]} == failed
+    assert rows["hz_prints"]["status"] == "loaded" and rows["attention"]["error"] is None
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == len(failed)
+    assert all(any(f"'{name}'" in line for line in warnings) for name in failed)
+
+
+def test_plugins_list_json_is_json_in_a_real_process(bad_plugins):
+    """Native writes to file descriptor 1 are only visible outside CliRunner: run the command for real."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(bad_plugins), *sys.path])}
+    proc = subprocess.run([sys.executable, "-m", "sleepzoo.cli", "plugins", "list", "--kind", "mixer", "--json"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=bad_plugins)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    assert rows["hz_exits"]["status"] == "import-error" and rows["hz_prints"]["status"] == "loaded"
+    assert "native write" in proc.stderr and "hello from a plugin" in proc.stderr
