@@ -6,12 +6,19 @@ A training checkpoint is a folder ``<root>/step_XXXXXXX/`` holding
 * ``optimizer.safetensors``  every tensor of every optimizer state, keyed ``<optimizer>/<param>/<name>``;
 * ``rng.safetensors``        the torch CPU (and CUDA) generator states;
 * ``state.json``             everything else: step, optimizer param groups and non-tensor state, scheduler
-                             states, numpy and Python RNG states, and the trainer's own counters.
+                             states, numpy and Python RNG states, and the trainer's own counters;
+* ``manifest.json``          written last: the size and sha256 digest of each of the files above.
 
 The folder is written under a hidden temporary name in the same parent, every file and the folder are
 fsynced, and only then is it renamed to ``step_XXXXXXX`` (``os.replace`` is atomic within a file system).
 A crash mid-write leaves at most a hidden ``.tmp-*`` folder that is never listed and is removed by the next
 save, so :func:`latest_checkpoint` only ever returns complete checkpoints.
+
+Loading checks a checkpoint before anything is restored (:func:`read_checkpoint`): every file against its
+digest, state.json parsed, every safetensors file read, the weights and optimizer states finite, the RNG
+states valid. A checkpoint that fails is :class:`CheckpointDamaged`, so a resume can skip it for an older
+one (:func:`newest_intact_checkpoint`). Checkpoints written before manifests existed are checked by all of
+that except the digests.
 
     save_checkpoint(run / "checkpoints", 200, model=m, optimizers=[muon, adamw], schedulers=[s1, s2],
                     trainer_state={"tokens": 1_000_000}, keep=2)
@@ -21,6 +28,7 @@ save, so :func:`latest_checkpoint` only ever returns complete checkpoints.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -28,6 +36,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -41,12 +50,19 @@ from .registry import SleepzooError
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
-_MARKER = "state.json"  # written last inside the temporary folder; a checkpoint without it is not one
+_MARKER = "state.json"  # a checkpoint folder without it is not one (never listed)
+MANIFEST = "manifest.json"  # every other file's size and sha256, written last
+_STATE_KEYS = {"step": int, "optimizers": list, "schedulers": list, "rng": dict, "trainer": dict}
 _MAX_NAMES = 20  # names listed per category in a load error before "(+N more)"
 
 
 class CheckpointError(SleepzooError):
     """A checkpoint or weights file is missing, unreadable or does not fit the model."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint whose files are missing, cut short, garbage, differ from their digests or hold
+    non-finite values (a resume skips it for an older one)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,6 +116,14 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[s
         flat[k] = v
     save_file(flat, str(path), metadata=metadata)
     _fsync_file(path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -216,10 +240,29 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
         saved = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"weights file {str(path)!r} is not a readable safetensors file: {exc}") from None
-    check_weight_names(model, {n: list(t.shape) for n, t in saved.items()}, source=f"weights {str(path)!r}",
-                       strict=strict, noun="file")
+    _load_tensors(model, saved, source=f"weights {str(path)!r}", strict=strict)
+
+
+def _load_tensors(model: nn.Module, saved: dict[str, torch.Tensor], *, source: str, strict: bool = True) -> None:
+    check_weight_names(model, {n: list(t.shape) for n, t in saved.items()}, source=source, strict=strict,
+                       noun="file")
     own = model.state_dict()
     model.load_state_dict({n: t for n, t in saved.items() if n in own}, strict=False)
+
+
+def _non_finite(tensors: dict[str, torch.Tensor], source: str) -> str | None:
+    """What is wrong with ``tensors`` if a floating-point one holds a NaN or an infinity, else None."""
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return None
+    return f"{source} holds non-finite values (NaN or inf) in {len(bad)} of {len(tensors)} tensors: {_listing(bad)}"
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointDamaged` naming the floating-point tensors that hold a NaN or an infinity."""
+    problem = _non_finite(tensors, source)
+    if problem:
+        raise CheckpointDamaged(problem)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -408,6 +451,8 @@ def save_checkpoint(root: str | Path, step: int, *, model: nn.Module, optimizers
             "rng": rng_meta,
             "trainer": trainer_state,
         })
+        _write_json(tmp / MANIFEST, {"format": FORMAT_VERSION, "files": {
+            f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}})
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (a finished run resumed): replace it whole
             _remove_tree(final)
@@ -422,36 +467,153 @@ def save_checkpoint(root: str | Path, step: int, *, model: nn.Module, optimizers
     return final
 
 
-def load_checkpoint(path: str | Path, *, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = (),
-                    schedulers: Sequence[Any] = (), restore_rng_state: bool = True) -> dict[str, Any]:
-    """Restore a checkpoint into the given objects (in place); return ``{"step": ..., **trainer_state}``."""
-    path = Path(path)
+@dataclass
+class Checkpoint:
+    """A checkpoint read and checked whole (:func:`read_checkpoint`), ready to restore."""
+
+    path: Path
+    meta: dict[str, Any]  # state.json
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor] | None  # None when read with weights_only
+    rng: dict[str, Any] | None
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+
+def _damaged(path: Path, what: str) -> CheckpointDamaged:
+    return CheckpointDamaged(f"checkpoint {str(path)!r}: {what}")
+
+
+def _check_digests(path: Path, names: Sequence[str] | None = None) -> None:
+    """Every file listed in the manifest (or those of ``names`` it lists) is there, of its size and digest
+    (no manifest: nothing to check)."""
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        return  # written before checkpoints had manifests
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        listed = {str(name): (int(e["bytes"]), str(e["sha256"])) for name, e in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise _damaged(path, f"{MANIFEST} is not a valid manifest ({type(exc).__name__}: {exc})") from None
+    for name, (size, digest) in listed.items():
+        if names is not None and name not in names:
+            continue
+        file = path / name
+        if not file.is_file():
+            raise _damaged(path, f"{name} is missing")
+        if file.stat().st_size != size:
+            raise _damaged(path, f"{name} is {file.stat().st_size:,} bytes, {MANIFEST} says {size:,} (cut short or "
+                                 f"overwritten)")
+        if _sha256(file) != digest:
+            raise _damaged(path, f"{name} does not match its sha256 digest in {MANIFEST} (its bytes changed "
+                                 f"after it was written)")
+
+
+def _read_state(path: Path) -> dict[str, Any]:
     marker = path / _MARKER
     if not marker.is_file():
-        raise CheckpointError(f"{str(path)!r} is not a complete checkpoint (no {_MARKER})")
-    meta = json.loads(marker.read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{str(path)!r} has checkpoint format {meta.get('format')!r}; "
+        raise _damaged(path, f"it is not a complete checkpoint (no {_MARKER})")
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise _damaged(path, f"{_MARKER} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or "format" not in meta:
+        raise _damaged(path, f"{_MARKER} holds no checkpoint state (a JSON {type(meta).__name__})")
+    if meta["format"] != FORMAT_VERSION:
+        raise CheckpointError(f"{str(path)!r} has checkpoint format {meta['format']!r}; "
                               f"this sleepzoo reads format {FORMAT_VERSION}")
+    wrong = [k for k, kind in _STATE_KEYS.items() if not isinstance(meta.get(k), kind)]
+    if not wrong and not all(isinstance(o, dict) and {"type", "param_groups", "scalars"} <= o.keys()
+                             for o in meta["optimizers"]):
+        wrong = ["optimizers"]
+    if wrong:
+        raise _damaged(path, f"{_MARKER} lacks or garbles {', '.join(wrong)}")
+    return meta
+
+
+def _read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    file = path / f"{name}.safetensors"
+    if not file.is_file():
+        raise _damaged(path, f"{file.name} is missing")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise _damaged(path, f"{file.name} is not a readable safetensors file ({exc})") from None
+
+
+def _read_rng(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The RNG states, each checked on a throwaway generator of its kind (the global ones are not touched)."""
+    tensors = _read_tensors(path, "rng")
+    try:
+        state = _rng_from_files(tensors, meta["rng"])
+        torch.Generator().set_state(state["torch"])
+        np.random.RandomState().set_state(state["numpy"])
+        random.Random().setstate(state["python"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise _damaged(path, f"its RNG states (rng.safetensors, {_MARKER}) do not restore "
+                             f"({type(exc).__name__}: {exc})") from None
+    return state
+
+
+def read_checkpoint(path: str | Path, *, weights_only: bool = False) -> Checkpoint:
+    """Read a checkpoint and check it whole: digests, state.json, every file readable, weights (and optimizer
+    states) finite, RNG states valid. Raises :class:`CheckpointDamaged` (or, for a checkpoint of another
+    format, :class:`CheckpointError`). ``weights_only`` reads state.json and the weights alone (evaluation)."""
+    path = Path(path)
+    _check_digests(path, ("model.safetensors", _MARKER) if weights_only else None)
+    meta = _read_state(path)
+    model = _read_tensors(path, "model")
+    optimizer = None if weights_only else _read_tensors(path, "optimizer")
+    for name, tensors in (("model", model), ("optimizer", optimizer or {})):
+        problem = _non_finite(tensors, f"{name}.safetensors")
+        if problem:
+            raise _damaged(path, problem)
+    rng = None if weights_only else _read_rng(path, meta)
+    return Checkpoint(path, meta, model, optimizer, rng)
+
+
+def newest_intact_checkpoint(root: str | Path, *, weights_only: bool = False
+                             ) -> tuple[Checkpoint | None, list[CheckpointDamaged]]:
+    """The newest checkpoint under ``root`` that :func:`read_checkpoint` accepts (None if none does), and
+    why each newer one was skipped (newest first)."""
+    skipped = []
+    for path in reversed(list_checkpoints(root)):
+        try:
+            return read_checkpoint(path, weights_only=weights_only), skipped
+        except CheckpointDamaged as exc:
+            skipped.append(exc)
+    return None, skipped
+
+
+def load_checkpoint(path: str | Path | Checkpoint, *, model: nn.Module,
+                    optimizers: Sequence[torch.optim.Optimizer] = (), schedulers: Sequence[Any] = (),
+                    restore_rng_state: bool = True) -> dict[str, Any]:
+    """Restore a checkpoint (a path, or one :func:`read_checkpoint` returned) into the given objects in place;
+    return ``{"step": ..., **trainer_state}``. It is checked whole before anything is restored."""
+    ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path)
+    if ckpt.optimizer is None:
+        raise ValueError("load_checkpoint needs a checkpoint read without weights_only")
+    path, meta = ckpt.path, ckpt.meta
     if len(meta["optimizers"]) != len(optimizers) or len(meta["schedulers"]) != len(schedulers):
         raise CheckpointError(
             f"{str(path)!r} holds {len(meta['optimizers'])} optimizer(s) "
-            f"({', '.join(o['type'] for o in meta['optimizers'])}) and {len(meta['schedulers'])} scheduler(s); "
+            f"({', '.join(str(o['type']) for o in meta['optimizers'])}) and {len(meta['schedulers'])} scheduler(s); "
             f"the run has {len(optimizers)} ({', '.join(type(o).__name__ for o in optimizers)}) "
             f"and {len(schedulers)}")
-    opt_tensors = load_file(str(path / "optimizer.safetensors"))
     opt_states = []
     for i, (opt, opt_meta) in enumerate(zip(optimizers, meta["optimizers"])):
         if opt_meta["type"] != type(opt).__name__:
             raise CheckpointError(f"{str(path)!r}: optimizer {i} is {opt_meta['type']}, the run's is "
                                   f"{type(opt).__name__}")
-        opt_states.append(_optimizer_from_files(opt, i, opt_tensors, opt_meta))
+        opt_states.append(_optimizer_from_files(opt, i, ckpt.optimizer, opt_meta))
         _check_optimizer_layout(path, i, opt, opt_states[-1])  # before anything is loaded
-    load_weights(model, path / "model.safetensors")
+    _load_tensors(model, ckpt.model, source=f"weights {str(path / 'model.safetensors')!r}")
     for opt, saved in zip(optimizers, opt_states):
         opt.load_state_dict(saved)
     for sched, state in zip(schedulers, meta["schedulers"]):
         sched.load_state_dict(state)
     if restore_rng_state:
-        restore_rng(_rng_from_files(load_file(str(path / "rng.safetensors")), meta["rng"]))
+        restore_rng(ckpt.rng)
     return {"step": meta["step"], **meta["trainer"]}
