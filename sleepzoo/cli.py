@@ -519,9 +519,11 @@ def show_comparison(run_dirs: Sequence[str | Path], *, key: str | None, metric: 
     results, waiting = [], []
     for run in runs:
         try:
-            results.append(report.load_result(run))
+            results.append(report.load_result(run, note=lambda line: click.echo(line, err=True)))
         except report.NoEvaluation:
             waiting.append(str(run))
+        except report.DamagedRun as exc:
+            click.echo(f"note: {run} left out: {exc}", err=True)
     if not results:
         raise SleepzooError(f"none of the {len(runs)} runs has an evaluation yet")
     if key is None:

@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 from rich.table import Table
@@ -44,7 +45,26 @@ def load_eval(run_dir: str | Path, name: str = "eval.json") -> dict[str, Any]:
     if not path.is_file():
         raise SleepzooError(f"{str(path)!r} does not exist: the run has not finished; "
                             f"`sleepzoo eval {run_dir}` evaluates its newest checkpoint")
-    return {"run": str(run_dir), **json.loads(path.read_text())}
+    row, why = _read_row(path)
+    if row is None:
+        raise SleepzooError(f"{str(path)!r} is damaged ({why}); `sleepzoo eval {run_dir}` writes it again")
+    return {"run": str(run_dir), **row}
+
+
+def _read_row(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """An evaluation row from a JSON file, or None and why it is not one."""
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        return None, f"not valid JSON: {exc}"
+    if not isinstance(row, dict):
+        return None, f"a JSON {type(row).__name__}, not an evaluation"
+    return row, ""
+
+
+def _row_step(row: dict[str, Any]) -> int | None:
+    step = row.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def format_value(value: Any) -> str:
@@ -289,6 +309,10 @@ class NoEvaluation(SleepzooError):
     """A run directory without any evaluation yet (just started, or died before its first)."""
 
 
+class DamagedRun(SleepzooError):
+    """A run directory whose recipe.yaml can not be read (compare leaves the run out, with a note)."""
+
+
 @dataclass
 class RunResult:
     """A run's recipe (as saved, nested) and its newest evaluation row."""
@@ -319,43 +343,56 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
             continue
         inner = sorted(c for c in p.iterdir() if c.is_dir() and (c / "recipe.yaml").is_file())
         if not inner:
-            if {c.name for c in p.iterdir()} <= {"train.log", "train.lock"}:
+            if all(c.name == "train.log" or c.name.startswith(("train.lock", ".train.lock")) for c in p.iterdir()):
                 continue  # a sweep's run that has not written its recipe yet
             raise SleepzooError(f"{str(p)!r} is not a run directory (no recipe.yaml) and holds none")
         runs.extend(inner)
     return list(dict.fromkeys(runs))
 
 
-def load_result(run_dir: str | Path) -> RunResult:
+def load_result(run_dir: str | Path, note: Callable[[str], None] | None = None) -> RunResult:
     """The newest evaluation of a run: ``eval.json``, or for a run still training (or stopped early) the
-    newest ``split: test`` line of ``metrics.jsonl`` when it is newer. Raises when there is none yet."""
+    newest ``split: test`` line of ``metrics.jsonl`` when it is newer. Raises when there is none yet.
+
+    A damaged eval.json counts as none, said through ``note`` (a line for each such file; default: stderr)."""
+    if note is None:
+        def note(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
     run = Path(run_dir)
     saved = run / "recipe.yaml"
     if not saved.is_file():
         raise SleepzooError(f"{str(run)!r} is not a run directory (no recipe.yaml)")
     try:
-        recipe = yaml.safe_load(saved.read_text()) or {}
+        recipe = yaml.safe_load(saved.read_text(errors="replace")) or {}
     except yaml.YAMLError as exc:
-        raise SleepzooError(f"{str(saved)!r} is not valid YAML: {exc}") from None
+        raise DamagedRun(f"{str(saved)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(recipe, dict):
+        raise DamagedRun(f"{str(saved)!r} holds no recipe (a YAML {type(recipe).__name__})")
     try:  # with every default filled in, runs saved before a field existed compare equal to newer ones
         recipe = load_recipe(recipe, ()).to_dict()
     except SleepzooError:
         pass  # a recipe this version can not read is still compared by what it says
-    steps = (recipe.get("train") or {}).get("steps")
+    train = recipe.get("train")
+    steps = train.get("steps") if isinstance(train, dict) else None
+    steps = steps if isinstance(steps, int) else None
     candidates: list[tuple[int, str, dict]] = []
     final = run / "eval.json"
     if final.is_file():
-        row = json.loads(final.read_text())
-        candidates.append((int(row.get("step", -1)), "eval.json", row))
+        row, why = _read_row(final)
+        if row is None:
+            note(f"note: {final} is damaged ({why}); {run} counts with its newest evaluation in metrics.jsonl, "
+                 f"if any (`sleepzoo eval {run}` writes eval.json again)")
+        else:
+            candidates.append((_row_step(row) or -1, "eval.json", row))
     log = run / "metrics.jsonl"
     if log.is_file():
-        for line in reversed(log.read_text().splitlines()):
+        for line in reversed(log.read_text(errors="replace").splitlines()):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:  # a line being written right now
+            except ValueError:  # a line being written right now, or garbage
                 continue
-            if row.get("split") == "test":
-                candidates.append((int(row.get("step", -1)), "metrics.jsonl", row))
+            if isinstance(row, dict) and row.get("split") == "test" and _row_step(row) is not None:
+                candidates.append((_row_step(row), "metrics.jsonl", row))
                 break
     if not candidates:
         raise NoEvaluation(f"{str(run)!r} has no evaluation yet (no eval.json, no eval line in metrics.jsonl)")
