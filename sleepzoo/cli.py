@@ -18,7 +18,6 @@ and exits with status 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -34,7 +33,7 @@ from rich.table import Table
 import sleepzoo
 
 from . import distributed, registry, report, sweep
-from .checkpoint import atomic_write_json, atomic_write_text
+from .checkpoint import atomic_write_json, atomic_write_text, latest_checkpoint
 from .config import Recipe, RecipeError, apply_overrides, check_kwargs, load_recipe
 from .registry import SleepzooError
 from .train import evaluate_run, jsonable, load_run, train
@@ -92,13 +91,12 @@ def train_command(recipe: str, overrides: tuple[str, ...], out_dir: str | None, 
         raise click.UsageError("--resume needs --out RUN_DIR (the run to continue)")
     parsed = load_recipe(recipe, overrides=list(overrides))
     out = Path(out_dir) if out_dir else Path("runs") / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    # Under torchrun every rank runs this command; rank 0 speaks for the group: it holds the run directory's
-    # lock (which covers the run they all train) and prints, the other ranks only report errors (stderr).
+    # Under torchrun every rank runs this command; rank 0 speaks for the group: it prints (and train has it
+    # hold the run directory's lock, which covers the run they all train), the other ranks only report errors.
     member = distributed.launched() and int(os.environ["RANK"]) != 0
     console = Console(file=open(os.devnull, "w")) if member else Console()  # noqa: SIM115
     console.print(f"{'resuming' if resume else 'training'} {recipe} -> {out}")
-    with contextlib.nullcontext() if member else sweep.RunLock(out):  # one process per run directory at a time
-        result = train(parsed, out, resume=resume, progress=not no_progress)
+    result = train(parsed, out, resume=resume, progress=not no_progress)
     console.print(report.metrics_table(result, title=f"final evaluation ({out})"))
     per_bucket = report.buckets_table(result, title="per bucket")
     if per_bucket is not None:
@@ -124,6 +122,8 @@ def eval_command(run_dir: str, num_examples: int | None, loops: int | None, wind
     per_bucket = report.buckets_table(result, title="per bucket")
     if per_bucket is not None:
         console.print(per_bucket)
+    if path is None:  # another process trains the run: nothing is written into it
+        return
     png = report.plot_eval(result, path.with_suffix(".png"),
                            title=f"{Path(run_dir).name}: step {result.get('step')}, loops {result.get('loops')}")
     console.print(f"wrote {path} and {png}")
@@ -337,7 +337,8 @@ def demo_command(recipe_path: str, loops: list[int], out_dir: str, no_progress: 
                  overrides: tuple[str, ...]) -> None:
     """Train one recipe once per sleep loop count, same seed and data, and compare test accuracy.
 
-    A loop count whose run directory already exists is resumed (a finished one is not trained again).
+    A loop count whose run directory holds a checkpoint is resumed (a finished one is not trained again);
+    one that never reached a checkpoint starts over.
     """
     out = Path(out_dir)
     recipes = {n: load_recipe(recipe_path, overrides=[*overrides, f"sleep.loops={n}"]) for n in loops}
@@ -345,7 +346,7 @@ def demo_command(recipe_path: str, loops: list[int], out_dir: str, no_progress: 
     rows = []
     for n, recipe in recipes.items():
         run_dir = out / f"loops{n}"
-        resume = (run_dir / "recipe.yaml").is_file()
+        resume = latest_checkpoint(run_dir / "checkpoints") is not None
         console.print(f"[bold]loops {n}[/bold]: {'resuming' if resume else 'training'} {recipe_path} -> {run_dir}")
         result = train(recipe, run_dir, resume=resume, progress=not no_progress)
         rows.append({"run": str(run_dir), **result})

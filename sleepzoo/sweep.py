@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -38,9 +37,9 @@ from typing import Any, Callable, Sequence
 from .checkpoint import latest_checkpoint
 from .config import Recipe, RecipeError, load_recipe
 from .registry import SleepzooError
+from .runlock import LOCK_NAME, RunLock, lock_holder  # noqa: F401  (RunLock: part of this module's API)
 from .train import recipe_diff, train
 
-LOCK_NAME = "train.lock"
 _OPEN = "[{("
 _CLOSE = "]})"
 #: Settings a sweep may set itself; a run saved with another value of them is still the same run.
@@ -160,7 +159,8 @@ def _classify(run: SweepRun, recipe_path: str, jobs: int) -> None:
     saved = run.out / "recipe.yaml"
     holder = lock_holder(run.out)
     if holder is not None:
-        run.status, run.detail = "busy", f"being trained by pid {holder.get('pid')} ({LOCK_NAME}): left alone"
+        who = f"pid {holder['pid']}" if holder.get("pid") is not None else "a process starting right now"
+        run.status, run.detail = "busy", f"being trained by {who} ({LOCK_NAME}): left alone"
         return
     if not saved.is_file():
         run.status = "new"
@@ -219,78 +219,6 @@ def plan_sweep(recipe_path: str | Path, args: Sequence[str], out_dir: str | Path
 
 
 # ---------------------------------------------------------------------------------------------------------
-# a run directory is trained by one process at a time
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def lock_holder(run_dir: str | Path) -> dict[str, Any] | None:
-    """Who trains ``run_dir`` right now (``{"pid", "host", ...}`` from its ``train.lock``), or None.
-
-    A lock left by a process that has died (same host, pid gone) is stale and counts as none.
-    """
-    path = Path(run_dir) / LOCK_NAME
-    try:
-        holder = json.loads(path.read_text())
-        pid, host = int(holder["pid"]), str(holder["host"])
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError):  # half-written by a process starting right now
-        return {"pid": None, "host": "?", "path": str(path)}
-    if host == socket.gethostname() and not _alive(pid):
-        return None
-    return {**holder, "path": str(path)}
-
-
-class RunLock:
-    """``with RunLock(run_dir):`` -- refuse to train a run directory that another live process is training.
-
-    ``sleepzoo train`` and ``sleepzoo sweep`` hold it, so a sweep started beside a running one (or beside a
-    ``sleepzoo train`` of the same run) skips that run instead of training it twice at once.
-    """
-
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LOCK_NAME
-        self.held = False
-        self.created = False
-
-    def __enter__(self) -> "RunLock":
-        self.created = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = lock_holder(self.path.parent)
-                if holder is not None:
-                    raise SleepzooError(
-                        f"{str(self.path.parent)!r} is being trained by another process (pid {holder.get('pid')} "
-                        f"on {holder.get('host')}); wait for it, or delete {str(self.path)!r} if it is gone")
-                self.path.unlink(missing_ok=True)  # stale: its process died
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
-            self.held = True
-            return self
-        raise SleepzooError(f"could not lock {str(self.path)!r}: another process keeps taking it")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-            if self.created and not any(self.path.parent.iterdir()):
-                self.path.parent.rmdir()  # nothing was trained (e.g. a refused --resume): leave no trace
-
-
-# ---------------------------------------------------------------------------------------------------------
 # running
 
 
@@ -334,9 +262,8 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, progress: bool = True,
         for i, r in enumerate(todo, 1):
             verb = "resuming" if r.status == "resume" else "training"
             echo(f"[{i}/{len(todo)}] {r.name}: {verb} -> {r.out}")
-            try:
-                with RunLock(r.out):
-                    train(r.recipe, r.out, resume=r.status == "resume", progress=progress)
+            try:  # train holds the run's lock
+                train(r.recipe, r.out, resume=r.status == "resume", progress=progress)
             except SleepzooError as exc:
                 failures[r.name] = str(exc)
                 echo(f"[{i}/{len(todo)}] {r.name} failed: {exc}")

@@ -14,6 +14,7 @@ A run directory holds
     pretrained/, tokenizer/        copies of model.pretrained's config.json and tokenizer files (no weights) and
                                    of a task.tokenizer file, so eval / generate / convert need the run alone
     eval.json                      the final evaluation, with its step, loops and window
+    train.lock                     while a process writes the directory (see sleepzoo.runlock)
 
 Determinism (SPEC 4, "every N sees the same data order"): torch is seeded with ``train.seed`` right before the
 model is built, and the batch for step i is ``task.generate(batch_size, seed=batch_seed(train.seed, i))``.
@@ -75,6 +76,7 @@ from .engine import IGNORE_INDEX
 from .pretrained import MODEL_TYPES, keep_model_files, load_run_model, run_recipe
 from .registry import SleepzooError
 from .report import HEADLINE, format_value
+from .runlock import RunBusy, RunLock
 
 MUON_MOMENTUM = 0.95  # Keller Jordan's default, also torch's
 # torch.optim.Muon scales each matrix's step by this rule. "original" (Keller Jordan's, sqrt(max(1, A/B)))
@@ -783,7 +785,17 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress
         torch.set_num_threads(cfg.threads)
     started = distributed.setup(_device(cfg.device))
     try:
-        return _train(recipe, Path(out_dir), resume, progress)
+        out = Path(distributed.broadcast_object(str(out_dir)))  # rank 0's, should the ranks' defaults differ
+        lock = RunLock(out)  # one process writes a run directory; rank 0 writes it for the group
+
+        def take() -> None:
+            lock.acquire()
+
+        distributed.on_main(take)
+        try:
+            return _train(recipe, out, resume, progress)
+        finally:
+            lock.release()
     finally:
         if started:
             distributed.teardown()
@@ -796,7 +808,6 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool) -> dict:
     precision = Precision(cfg.autocast, device, recipe.source)
     world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     fsdp = distributed.active() and cfg.parallel == "fsdp"
-    out = Path(distributed.broadcast_object(str(out)))  # rank 0's, should the ranks' defaults differ
     model, task = build(recipe)
     twin = _PlainTwin(model) if fsdp else None
     model.to(device)
@@ -997,8 +1008,9 @@ def load_run(run_dir: str | Path) -> tuple[Recipe, nn.Module, Task, int]:
 
 
 def evaluate_run(run_dir: str | Path, *, num_examples: int | None = None, loops: int | None = None,
-                 window: int | None = None) -> tuple[dict, Path]:
-    """Evaluate a run's newest weights; return the metrics and the JSON file they were written to.
+                 window: int | None = None) -> tuple[dict, Path | None]:
+    """Evaluate a run's newest weights; return the metrics and the JSON file they were written to (None when
+    another process is training the run: the result is not saved then).
 
     With the recipe's own loops and window that file is ``eval.json``; other settings (e.g. more sleep
     passes than were trained with) go to ``eval-loops{N}-window{L}.json`` so the training result is kept.
@@ -1007,20 +1019,33 @@ def evaluate_run(run_dir: str | Path, *, num_examples: int | None = None, loops:
         if value is not None and value < 1:
             raise SleepzooError(f"{name}: {value} is not allowed; it must be >= 1")
     recipe, model, task, step = load_run(run_dir)
-    device = _device(recipe.train.device)
-    model.to(device)
-    own_sleep = recipe.stage_recipes()[-1][1].sleep  # the last stage's (the recipe's own without stages)
-    loops_used = loops or own_sleep.loops
-    window_used = window or own_sleep.window
-    metrics = evaluate(model, task, recipe, device=device, num_examples=num_examples, loops=loops_used,
-                       window=window_used)
-    result = {"step": step, "loops": loops_used, "window": window_used,
-              "num_examples": num_examples or recipe.eval.num_examples, **metrics}
-    own = loops_used == own_sleep.loops and window_used == own_sleep.window
-    path = Path(run_dir) / ("eval.json" if own else f"eval-loops{loops_used}-window{window_used}.json")
-    if own and path.is_file():  # keep the training time the trainer recorded
-        previous = json.loads(path.read_text())
-        if "train_time_s" in previous:
-            result["train_time_s"] = previous["train_time_s"]
-    atomic_write_json(path, result)
-    return result, path
+    lock: RunLock | None = RunLock(run_dir)  # the result goes into the run directory
+    try:
+        lock.acquire()
+    except RunBusy as busy:
+        lock = None
+        print(f"note: {run_dir} is being trained by pid {busy.holder.get('pid')} on {busy.holder.get('host')}: "
+              f"its evaluation is shown, not saved (the trainer writes the run directory)", flush=True)
+    try:
+        device = _device(recipe.train.device)
+        model.to(device)
+        own_sleep = recipe.stage_recipes()[-1][1].sleep  # the last stage's (the recipe's own without stages)
+        loops_used = loops or own_sleep.loops
+        window_used = window or own_sleep.window
+        metrics = evaluate(model, task, recipe, device=device, num_examples=num_examples, loops=loops_used,
+                           window=window_used)
+        result = {"step": step, "loops": loops_used, "window": window_used,
+                  "num_examples": num_examples or recipe.eval.num_examples, **metrics}
+        if lock is None:
+            return result, None
+        own = loops_used == own_sleep.loops and window_used == own_sleep.window
+        path = Path(run_dir) / ("eval.json" if own else f"eval-loops{loops_used}-window{window_used}.json")
+        if own and path.is_file():  # keep the training time the trainer recorded
+            previous = json.loads(path.read_text())
+            if "train_time_s" in previous:
+                result["train_time_s"] = previous["train_time_s"]
+        atomic_write_json(path, result)
+        return result, path
+    finally:
+        if lock is not None:
+            lock.release()
