@@ -16,6 +16,10 @@ A run directory holds
     eval.json                      the final evaluation, with its step, loops and window
     train.lock                     while a process writes the directory (see sleepzoo.runlock)
 
+``--resume`` continues from the newest intact checkpoint: a damaged newer one (a file missing, cut short or
+changed since it was written, non-finite weights) is skipped with a note, and a torn last line of
+metrics.jsonl is dropped with one; a damaged eval.json of a finished run makes it evaluate again.
+
 Determinism (SPEC 4, "every N sees the same data order"): torch is seeded with ``train.seed`` right before the
 model is built, and the batch for step i is ``task.generate(batch_size, seed=batch_seed(train.seed, i))``.
 So runs that differ only in ``sleep.loops`` see identical batches, and a resumed run sees exactly the
@@ -69,8 +73,9 @@ import sleepzoo
 
 from . import distributed, registry
 from .build import check_fit
-from .checkpoint import (atomic_write_json, atomic_write_text, capture_rng, latest_checkpoint, load_checkpoint,
-                         load_weights, read_metadata, restore_rng, save_checkpoint, save_weights)
+from .checkpoint import (Checkpoint, CheckpointDamaged, CheckpointError, atomic_write_json, atomic_write_text,
+                         capture_rng, check_finite, latest_checkpoint, load_checkpoint, load_weights,
+                         newest_intact_checkpoint, read_metadata, restore_rng, save_checkpoint, save_weights)
 from .config import Recipe, RecipeError, TrainConfig, load_recipe
 from .engine import IGNORE_INDEX
 from .pretrained import MODEL_TYPES, keep_model_files, load_run_model, run_recipe
@@ -386,13 +391,33 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict]:
+        """Every record. A last line that is not one (cut short by a full disk or a power loss) is dropped
+        with a note; such a line anywhere else is an error naming it."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [(i, line) for i, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1)
+                 if line.strip()]
+        records = []
+        for i, line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+            elif i == lines[-1][0]:
+                print(f"note: {self.path}: dropped its last line ({i}), which is not a whole record (a write cut "
+                      f"short): {line[:60]!r}", flush=True)
+            else:
+                raise SleepzooError(f"{str(self.path)!r}: line {i} is not a JSON record with a step: {line[:60]!r}; "
+                                    f"repair or delete that line, then resume again")
+        return records
 
-    def truncate_after(self, step: int) -> None:
-        """Drop lines logged after ``step``: a resumed run logs those steps again."""
-        kept = [r for r in self.read() if r.get("step", 0) <= step]
+    def truncate_after(self, step: int, *, final_eval: bool = True) -> None:
+        """Drop lines logged after ``step``: a resumed run logs those steps again. ``final_eval=False`` drops
+        the final evaluation's line (of the step of a finished run) too, for a run that evaluates again."""
+        kept = [r for r in self.read()
+                if r["step"] < step or (r["step"] == step and (final_eval or "split" not in r))]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -533,12 +558,45 @@ def _enter_stage(model: nn.Module, stage: _Stage, everything: list[nn.Parameter]
     return [p for p in everything if p.requires_grad]
 
 
-def _resume_point(ckpt: Path, stages: list[_Stage]) -> int:
+def _resume_checkpoint(out: Path, main: bool) -> Checkpoint:
+    """The newest intact checkpoint of the run in ``out``, read whole; each damaged newer one is skipped with
+    a note (on rank 0), and none intact is one error saying how to go on."""
+    ckpt, skipped = newest_intact_checkpoint(out / "checkpoints")
+    if main:
+        for exc in skipped:
+            print(f"note: skipping damaged {exc}", flush=True)
+        if skipped and ckpt is not None:
+            print(f"note: resuming from the newest intact checkpoint, step {ckpt.step} ({ckpt.path})", flush=True)
+    if ckpt is None:
+        raise SleepzooError(f"cannot resume {str(out)!r}: none of its {len(skipped)} checkpoint(s) is intact (the "
+                            f"newest: {skipped[0] if skipped else 'none'}); start the run over: delete {str(out)!r} "
+                            f"(or train into another --out) and train without --resume")
+    return ckpt
+
+
+def _finished_result(path: Path, step: int, main: bool) -> dict | None:
+    """A finished run's eval.json when it holds the evaluation of ``step``; None when it is missing, of another
+    step or damaged (noted on rank 0): the run then evaluates again."""
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        result = exc
+    if not isinstance(result, dict):
+        if main:
+            why = result if isinstance(result, Exception) else f"a JSON {type(result).__name__}, not an evaluation"
+            print(f"note: {path} is damaged ({why}); evaluating the finished run again", flush=True)
+        return None
+    return result if result.get("step") == step else None
+
+
+def _resume_point(ckpt: Checkpoint, stages: list[_Stage]) -> int:
     """The index of the stage a checkpoint was saved in (0 for a run without stages)."""
-    trainer = json.loads((ckpt / "state.json").read_text()).get("trainer", {})
+    trainer = ckpt.meta["trainer"]
     index = trainer.get("stage_index", 0)
-    if not 0 <= index < len(stages) or trainer.get("stage") != stages[index].name:
-        raise SleepzooError(f"cannot resume from {str(ckpt)!r}: it was saved in stage {trainer.get('stage')!r} "
+    if not isinstance(index, int) or not 0 <= index < len(stages) or trainer.get("stage") != stages[index].name:
+        raise SleepzooError(f"cannot resume from {str(ckpt.path)!r}: it was saved in stage {trainer.get('stage')!r} "
                             f"(index {index}), which the recipe's stages "
                             f"({', '.join(str(s.name) for s in stages)}) do not have there")
     return index
@@ -822,7 +880,7 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool) -> dict:
     state: dict[str, Any] = {"tokens": 0, "elapsed_s": 0.0, "loss_sum": 0.0, "loss_count": 0}
     first, ckpt = 0, None
     if resume:
-        ckpt = latest_checkpoint(ckpt_root)
+        ckpt = _resume_checkpoint(out, main)
         first = _resume_point(ckpt, stages)
 
     def evaluate_here(stage_recipe: Recipe) -> dict:
@@ -857,13 +915,11 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool) -> dict:
                     state.pop(key, None)
                 precision.load_state_dict(state)
                 ckpt = None
-                if main:
-                    log.truncate_after(start)
-                finished = out / "eval.json"
-                if start == cfg.steps and finished.is_file():
-                    result = json.loads(finished.read_text())
-                    if result.get("step") == start:
-                        return result
+                result = _finished_result(out / "eval.json", start, main) if start == cfg.steps else None
+                if main:  # a finished run evaluated again logs its final evaluation again
+                    log.truncate_after(start, final_eval=result is not None or start != cfg.steps)
+                if result is not None:
+                    return result
             if distributed.active() and not fsdp:
                 runner = model  # the previous stage's DDP and its gradient hooks go before the next comes
                 gc.collect()
@@ -979,7 +1035,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool) -> dict:
 
 
 def load_run(run_dir: str | Path) -> tuple[Recipe, nn.Module, Task, int]:
-    """A run's recipe, its model with the newest weights (final, else the newest checkpoint), task and step."""
+    """A run's recipe, its model with the newest weights (final, else the newest intact checkpoint), task and
+    step. Weights that hold a NaN or an infinity are refused."""
     run = Path(run_dir)
     saved = run / "recipe.yaml"
     if not saved.is_file():
@@ -988,22 +1045,41 @@ def load_run(run_dir: str | Path) -> tuple[Recipe, nn.Module, Task, int]:
     recipe = load_recipe(saved)
     final = run / "final" / "model.safetensors"
     if final.is_file():
-        weights, step = final, int(read_metadata(final).get("step", recipe.train.steps))
+        weights = final
+        how = (f"delete {str(final.parent)!r} and resume the run (sleepzoo train ... --out {str(run)!r} --resume) "
+               f"to write it again from its newest checkpoint")
+        try:
+            metadata = read_metadata(final)  # reads the header and checks that the file is whole
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; {how}") from None
+        try:
+            step = int(metadata.get("step", recipe.train.steps))
+        except ValueError:
+            step = recipe.train.steps
     else:
-        ckpt = latest_checkpoint(run / "checkpoints")
+        ckpt, skipped = newest_intact_checkpoint(run / "checkpoints", weights_only=True)
+        for exc in skipped:
+            print(f"note: skipping damaged {exc}", flush=True)
         if ckpt is None:
-            raise SleepzooError(f"{str(run)!r} has no weights yet (no final/model.safetensors and no checkpoint)")
-        weights, step = ckpt / "model.safetensors", int(ckpt.name.split("_")[1])
-    if recipe.model.name in MODEL_TYPES:
-        # A pretrained architecture: built on the meta device from the run's copy of its config and filled
-        # from the run's weights alone, so neither the pretrained folder nor its weights are read.
-        task = sleepzoo.build_task(run_recipe(run, recipe))
-        model = load_run_model(run, recipe, weights, vocab_size=task.vocab_size)
-        return recipe, model, task, step
-    model, task = build(recipe)
-    load_weights(model, weights)
-    if recipe.stages:  # the weights are the last stage's: run them with its sleep settings
-        model.sleep = recipe.stage_recipes()[-1][1].sleep
+            raise SleepzooError(f"{str(run)!r} has no weights to evaluate: no final/model.safetensors and "
+                                + (f"none of its {len(skipped)} checkpoint(s) is intact (the newest: {skipped[0]})"
+                                   if skipped else "no checkpoint yet"))
+        weights, step, how = ckpt.path / "model.safetensors", ckpt.step, "resume the run to write new weights"
+        del ckpt
+    try:
+        if recipe.model.name in MODEL_TYPES:
+            # A pretrained architecture: built on the meta device from the run's copy of its config and filled
+            # from the run's weights alone, so neither the pretrained folder nor its weights are read.
+            task = sleepzoo.build_task(run_recipe(run, recipe))
+            model = load_run_model(run, recipe, weights, vocab_size=task.vocab_size)
+        else:
+            model, task = build(recipe)
+            load_weights(model, weights)
+            if recipe.stages:  # the weights are the last stage's: run them with its sleep settings
+                model.sleep = recipe.stage_recipes()[-1][1].sleep
+        check_finite(model.state_dict(), f"weights file {str(weights)!r}")
+    except CheckpointDamaged as exc:
+        raise CheckpointDamaged(f"{exc}; refusing to use them: {how}") from None
     return recipe, model, task, step
 
 
@@ -1040,9 +1116,14 @@ def evaluate_run(run_dir: str | Path, *, num_examples: int | None = None, loops:
             return result, None
         own = loops_used == own_sleep.loops and window_used == own_sleep.window
         path = Path(run_dir) / ("eval.json" if own else f"eval-loops{loops_used}-window{window_used}.json")
-        if own and path.is_file():  # keep the training time the trainer recorded
-            previous = json.loads(path.read_text())
-            if "train_time_s" in previous:
+        if own and path.is_file():  # keep the training time the trainer recorded (a damaged file has none)
+            try:
+                previous = json.loads(path.read_text())
+            except (OSError, ValueError):
+                previous = None
+            if not isinstance(previous, dict):
+                print(f"note: {path} was damaged; written again (without the training time it held)", flush=True)
+            elif "train_time_s" in previous:
                 result["train_time_s"] = previous["train_time_s"]
         atomic_write_json(path, result)
         return result, path

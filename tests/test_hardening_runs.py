@@ -157,3 +157,213 @@ def test_eval_of_a_run_being_trained_shows_the_result_but_writes_nothing(plugins
     assert sorted(p.name for p in run.iterdir()) == before  # no eval.png, eval.json untouched
     _, path = evaluate_run(run)
     assert path == run / "eval.json"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints: digests, fallback, non-finite weights
+
+
+def killed_after_step_4(run: Path, monkeypatch) -> None:
+    """Train until the batch of step 5 is asked for: checkpoints of steps 2 and 4 are on disk."""
+    real_generate = ToyCopy.generate
+
+    def dying_generate(self, num_examples, seed, split="train"):
+        if split == "train" and seed == batch_seed(3, 4):
+            raise Killed
+        return real_generate(self, num_examples, seed, split)
+
+    monkeypatch.setattr(ToyCopy, "generate", dying_generate)
+    with pytest.raises(Killed):
+        train(toy_recipe(), run, progress=False)
+    monkeypatch.setattr(ToyCopy, "generate", real_generate)
+    assert latest_checkpoint(run / "checkpoints").name == "step_0000004"
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def nan_into(path: Path) -> None:
+    tensors = load_file(str(path))
+    tensors[sorted(tensors)[0]].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x10  # a weight's bits: the file still parses, only the digest tells
+    path.write_bytes(bytes(data))
+
+
+def old_format(ckpt: Path) -> Path:
+    (ckpt / "manifest.json").unlink()  # as sleepzoo wrote checkpoints before manifests
+    return ckpt
+
+
+DAMAGE = {
+    "garbage state.json": (lambda c: (c / "state.json").write_text("{not json"), "state.json is 9 bytes"),
+    "truncated optimizer.safetensors": (lambda c: truncate(c / "optimizer.safetensors"),
+                                        "optimizer.safetensors is"),
+    "missing rng.safetensors": (lambda c: (c / "rng.safetensors").unlink(), "rng.safetensors is missing"),
+    "truncated model.safetensors": (lambda c: truncate(c / "model.safetensors"), "model.safetensors is"),
+    "digest mismatch": (lambda c: flip_a_byte(c / "model.safetensors"),
+                        "model.safetensors does not match its sha256 digest"),
+    "garbage manifest.json": (lambda c: (c / "manifest.json").write_text("\x00"), "manifest.json is not a valid"),
+    # checkpoints without a manifest are checked by everything else
+    "old format, garbage state.json": (lambda c: (old_format(c) / "state.json").write_text("[]"),
+                                       "state.json holds no checkpoint state"),
+    "old format, truncated optimizer.safetensors": (lambda c: truncate(old_format(c) / "optimizer.safetensors"),
+                                                    "optimizer.safetensors is not a readable safetensors file"),
+    "old format, missing rng.safetensors": (lambda c: (old_format(c) / "rng.safetensors").unlink(),
+                                            "rng.safetensors is missing"),
+    "old format, NaN weights": (lambda c: nan_into(old_format(c) / "model.safetensors"),
+                                "model.safetensors holds non-finite values (NaN or inf) in 1 of"),
+    "old format, NaN in optimizer state": (lambda c: nan_into(old_format(c) / "optimizer.safetensors"),
+                                           "optimizer.safetensors holds non-finite values"),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_resume_falls_back_to_the_newest_intact_checkpoint_exactly(toy_plugins, tmp_path, monkeypatch, capsys,
+                                                                    kind):
+    straight = tmp_path / "straight"
+    expected = train(toy_recipe(), straight, progress=False)
+    run = tmp_path / "run"
+    killed_after_step_4(run, monkeypatch)
+    damage, why = DAMAGE[kind]
+    damage(run / C4)
+    capsys.readouterr()
+
+    resumed = train(toy_recipe(), run, resume=True, progress=False)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2, notes
+    assert notes[0].startswith(f"note: skipping damaged checkpoint {str(run / C4)!r}: ") and why in notes[0]
+    assert notes[1] == f"note: resuming from the newest intact checkpoint, step 2 ({run / 'checkpoints/step_0000002'})"
+    # ... and the run goes on as if nothing had happened: steps 3 and 4 trained again, bit for bit
+    assert read_lines(run) == read_lines(straight)
+    a, b = (load_file(str(r / "final" / "model.safetensors")) for r in (straight, run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {k: v for k, v in resumed.items() if k not in TIMING} == \
+        {k: v for k, v in expected.items() if k not in TIMING}
+
+
+def test_an_old_checkpoint_without_a_manifest_still_resumes_exactly(toy_plugins, tmp_path, monkeypatch, capsys):
+    straight = tmp_path / "straight"
+    train(toy_recipe(), straight, progress=False)
+    run = tmp_path / "run"
+    killed_after_step_4(run, monkeypatch)
+    old_format(run / C4)
+    capsys.readouterr()
+    train(toy_recipe(), run, resume=True, progress=False)
+    assert "note:" not in capsys.readouterr().out  # nothing skipped
+    assert read_lines(run) == read_lines(straight)
+
+
+def test_every_checkpoint_written_has_a_manifest(toy_plugins, tmp_path):
+    run = tmp_path / "run"
+    train(toy_recipe(), run, progress=False)
+    ckpt = latest_checkpoint(run / "checkpoints")
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors",
+                                         "state.json"]
+    assert all(len(e["sha256"]) == 64 and e["bytes"] == (ckpt / n).stat().st_size
+               for n, e in manifest["files"].items())
+    assert read_checkpoint(ckpt).step == 6
+
+
+def test_no_intact_checkpoint_is_one_line_with_the_way_on(plugins, recipe_file, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("train", recipe_file, "--out", run, "--no-progress").exit_code == 0
+    for ckpt in (run / "checkpoints").iterdir():
+        (ckpt / "state.json").write_text("")
+    result = invoke("train", recipe_file, "--out", run, "--resume", "--no-progress")
+    assert_one_line_error(result, "cannot resume", "none of its 2 checkpoint(s) is intact", "state.json is 0 bytes",
+                          "without --resume")
+    assert result.stdout.count("note: skipping damaged checkpoint") == 2
+
+
+def test_nan_weights_are_refused(plugins, recipe_file, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("train", recipe_file, "--out", run, "--no-progress").exit_code == 0
+    nan_into(run / "final" / "model.safetensors")
+    assert_one_line_error(invoke("eval", run), "final/model.safetensors", "non-finite values (NaN or inf)",
+                          "refusing to use them", "--resume")
+    ckpt = run / "checkpoints" / "step_0000003"
+    nan_into(old_format(ckpt) / "model.safetensors")
+    with pytest.raises(CheckpointDamaged, match="non-finite"):  # a checkpoint is refused on load as well
+        read_checkpoint(ckpt)
+
+
+def test_eval_skips_a_damaged_newest_checkpoint(plugins, recipe_file, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("train", recipe_file, "--out", run, "--no-progress").exit_code == 0
+    shutil.rmtree(run / "final")
+    (run / "eval.json").unlink()
+    truncate(run / "checkpoints" / "step_0000003" / "model.safetensors")
+    result = invoke("eval", run)
+    assert result.exit_code == 0, result.output
+    assert "note: skipping damaged checkpoint" in result.stdout and "step_0000003" in result.stdout
+    assert json.loads((run / "eval.json").read_text())["step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metrics.jsonl and eval.json
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(toy_plugins, tmp_path, monkeypatch, capsys):
+    straight = tmp_path / "straight"
+    train(toy_recipe(), straight, progress=False)
+    run = tmp_path / "run"
+    killed_after_step_4(run, monkeypatch)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.12')  # what a full disk or a power cut leaves
+    capsys.readouterr()
+    train(toy_recipe(), run, resume=True, progress=False)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "metrics.jsonl: dropped its last line" in notes[0]
+    assert read_lines(run) == read_lines(straight)
+
+
+def test_garbage_inside_metrics_is_one_line_naming_file_and_line(plugins, recipe_file, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("train", recipe_file, "--out", run, "--no-progress").exit_code == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "\x00\x07 garbage", *lines[1:]]) + "\n")
+    assert_one_line_error(invoke("train", recipe_file, "--out", run, "--resume", "--no-progress"),
+                          str(run / "metrics.jsonl"), "line 2 is not a JSON record", "delete that line")
+
+
+@pytest.mark.parametrize("garbage", ["", "{\"step\": 3, \"loss", "[1, 2]"])
+def test_a_damaged_eval_json_is_evaluated_again_on_resume(toy_plugins, tmp_path, capsys, garbage):
+    run = tmp_path / "run"
+    first = train(toy_recipe(), run, progress=False)
+    log = read_lines(run)
+    (run / "eval.json").write_text(garbage)
+    capsys.readouterr()
+    again = train(toy_recipe(), run, resume=True, progress=False)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and f"{run / 'eval.json'} is damaged" in notes[0] and "evaluating" in notes[0]
+    assert {k: v for k, v in again.items() if k not in TIMING} == {k: v for k, v in first.items() if k not in TIMING}
+    assert json.loads((run / "eval.json").read_text())["step"] == 6
+    assert read_lines(run) == log  # the final evaluation logged once, not twice
+
+
+def test_compare_notes_a_damaged_eval_json_and_goes_on(plugins, recipe_file, tmp_path):
+    runs = tmp_path / "runs"
+    for n in (1, 2):
+        assert invoke("train", recipe_file, f"sleep.loops={n}", "--out", runs / f"loops{n}",
+                      "--no-progress").exit_code == 0
+    (runs / "loops1" / "eval.json").write_text("{garbage")
+    (runs / "loops2" / "recipe.yaml").write_text("{[: not yaml")
+    (runs / "loops3").mkdir()
+    (runs / "loops3" / "recipe.yaml").write_text((runs / "loops1" / "recipe.yaml").read_text())
+    (runs / "loops3" / "metrics.jsonl").write_text('3\n{"split": "test", "step": "x"}\n')
+    result = invoke("compare", runs, "--out", tmp_path / "c.png")
+    assert result.exit_code == 0, result.output
+    notes = result.stderr.strip().splitlines()
+    assert any(str(runs / "loops1" / "eval.json") in n and "is damaged" in n for n in notes), notes
+    assert any(str(runs / "loops2" / "recipe.yaml") in n and "left out" in n for n in notes), notes
+    assert any("without an evaluation yet" in n and "loops3" in n for n in notes), notes
+    assert "Traceback" not in result.output
+    assert "not finished" not in result.stdout  # loops1 counts with the final evaluation in its metrics.jsonl
