@@ -297,29 +297,57 @@ def _chunk(model: "SleepModel", ids: Tensor, targets: Tensor | None, states: lis
     return logits, loss_sum, consolidate(model, feats, woken, states, passes, span, checkpoint, **(stabilise or {}))
 
 
-def _check_inputs(model: "SleepModel", input_ids: Any, targets: Any) -> None:
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise SleepzooError(f"input_ids must be a LongTensor of shape (batch, seq_len), got "
-                            f"{getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
-    if input_ids.shape[1] == 0:
-        raise SleepzooError("input_ids is empty: give at least one token per sequence")
-    if input_ids.shape[0] == 0:
-        raise SleepzooError("input_ids has no rows: give a batch of at least one sequence")
-    if targets is not None and not isinstance(targets, Tensor):
-        raise SleepzooError(f"targets must be a LongTensor like input_ids (or None), got {type(targets).__name__}")
-    if targets is not None and targets.shape != input_ids.shape:
-        raise SleepzooError(f"targets shape {tuple(targets.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+def _describe_tensor(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):  # a numpy array and the like
+        return f"a {type(value).__name__} of {value.dtype}, shape {tuple(value.shape)}"
+    shown = " ".join(repr(value).split())
+    return f"{type(value).__name__} {shown[:80]}{'...' if len(shown) > 80 else ''}"
+
+
+def _check_ids(name: str, ids: Any, vocab: int, allowed: str, ignore: bool) -> None:
+    """``ids`` must be an int64 tensor of shape (batch, seq_len) with values in [0, vocab) (or -100 if
+    ``ignore``): one SleepzooError naming ``name``, what was given and what is allowed."""
+    what = f"{name} must be a LongTensor (int64) of shape (batch, seq_len) with token ids in {allowed}"
+    if not isinstance(ids, Tensor):
+        raise SleepzooError(f"{what}; got {_describe_tensor(ids)} (wrap it: torch.tensor(..., dtype=torch.long))")
+    if ids.dtype != torch.long:
+        hint = " (convert it with .long())" if not ids.is_floating_point() and not ids.is_complex() else ""
+        raise SleepzooError(f"{what}; got {_describe_tensor(ids)}{hint}")
+    if ids.dim() != 2:
+        hint = f" (one sequence? give {name}[None])" if ids.dim() == 1 else ""
+        raise SleepzooError(f"{what}; got {_describe_tensor(ids)}{hint}")
+    if ids.numel() == 0 or ids.is_meta:
+        return  # nothing to read; an empty batch is the caller's to refuse
+    bad = (ids < 0) | (ids >= vocab)
+    if ignore:
+        bad &= ids != IGNORE_INDEX
+    if bool(bad.any()):
+        raise SleepzooError(f"{name} hold {int(bad.sum())} value(s) outside {allowed} (e.g. {int(ids[bad][0])}; "
+                            f"min {int(ids.min())}, max {int(ids.max())}); is the recipe's vocab_size that of "
+                            f"the task?")
+
+
+def check_inputs(model: "SleepModel", input_ids: Any, targets: Any) -> None:
+    """What every forward checks first: ``input_ids`` (and ``targets`` unless None) as the model can take them."""
     vocab = model.vocab_size
-    if targets is not None:
-        if targets.dtype != torch.long:
-            raise SleepzooError(f"targets must be a LongTensor (token ids, -100 where no loss), got {targets.dtype}")
-        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab))
-        if bool(bad.any()):
-            raise SleepzooError(f"targets hold {int(bad.sum())} ids outside [0, {vocab}) that are not -100 (e.g. "
-                                f"{int(targets[bad][0])}); is the recipe's vocab_size that of the task?")
-    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
-        raise SleepzooError(f"input_ids hold ids outside [0, {vocab}): min {int(input_ids.min())}, "
-                            f"max {int(input_ids.max())}; is the recipe's vocab_size that of the task?")
+    _check_ids("input_ids", input_ids, vocab, f"[0, {vocab})", ignore=False)
+    if input_ids.shape[0] == 0:
+        raise SleepzooError(f"input_ids has no rows (shape {tuple(input_ids.shape)}): give a batch of at least "
+                            f"one sequence")
+    if input_ids.shape[1] == 0:
+        raise SleepzooError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token per "
+                            f"sequence")
+    if targets is None:
+        return
+    _check_ids("targets", targets, vocab, f"[0, {vocab}) or {IGNORE_INDEX} (no loss)", ignore=True)
+    if targets.shape != input_ids.shape:
+        raise SleepzooError(f"targets must have input_ids' shape {tuple(input_ids.shape)} (the target at each "
+                            f"position), got {tuple(targets.shape)}")
+    if targets.device != input_ids.device:
+        raise SleepzooError(f"targets must be on input_ids' device {input_ids.device}, got {targets.device} "
+                            f"(move it with .to(input_ids.device))")
 
 
 def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *, window: int, loops: int,
@@ -342,7 +370,7 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
         raise SleepzooError(f"return_logits={return_logits!r} is invalid: give True, False or 'targets'")
     if return_logits == "targets" and targets is None:
         raise SleepzooError("return_logits='targets' needs targets: the positions to compute logits at")
-    _check_inputs(model, input_ids, targets)
+    check_inputs(model, input_ids, targets)
     policy = resolve_eviction(eviction, window, sleep_every)
     mixers = model.mixers()
     states: list = [None] * len(mixers)
@@ -415,7 +443,7 @@ class Stream:
 
     def feed(self, ids: Tensor) -> Tensor:
         """Process new tokens ``ids`` (B, t); return their wake logits (B, t, vocab)."""
-        _check_inputs(self.model, ids, None)
+        check_inputs(self.model, ids, None)
         out = []
         pos = 0
         while pos < ids.shape[1]:

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 
 import sleepzoo
 from sleepzoo import registry
 from sleepzoo.cli import main
-from sleepzoo.config import RecipeError, load_recipe
+from sleepzoo.config import load_recipe
 from sleepzoo.registry import PluginConflictError, PluginImportError, SleepzooError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,3 +175,79 @@ def test_plugins_list_json_is_json_in_a_real_process(bad_plugins):
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
     assert rows["hz_exits"]["status"] == "import-error" and rows["hz_prints"]["status"] == "loaded"
     assert "native write" in proc.stderr and "hello from a plugin" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the Python API: input_ids and targets
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    recipe = load_recipe(TINY)
+    torch.manual_seed(0)
+    return sleepzoo.build_model(recipe)  # vocabulary 4: <pad> 0 1 Q1
+
+
+def _ids(shape=(2, 8)):
+    return torch.randint(0, 4, shape, generator=torch.Generator().manual_seed(0))
+
+
+BAD_TARGETS = [
+    pytest.param(lambda: _ids().float(), ["targets", "torch.float32", "LongTensor (int64)"], id="float"),
+    pytest.param(lambda: _ids().int(), ["targets", "torch.int32", ".long()"], id="int32"),
+    pytest.param(lambda: _ids().to(torch.uint8), ["targets", "torch.uint8", ".long()"], id="uint8"),
+    pytest.param(lambda: _ids() > 1, ["targets", "torch.bool"], id="bool"),
+    pytest.param(lambda: _ids().tolist(), ["targets", "got list", "torch.tensor"], id="list"),
+    pytest.param(lambda: _ids().numpy(), ["targets", "ndarray of int64"], id="numpy"),
+    pytest.param(lambda: torch.full((2, 8), 4), ["targets", "outside [0, 4) or -100", "e.g. 4"], id="out-of-vocab"),
+    pytest.param(lambda: torch.full((2, 8), -5), ["targets", "e.g. -5"], id="negative"),
+    pytest.param(lambda: _ids((2, 4)), ["targets", "input_ids' shape (2, 8)", "got (2, 4)"], id="shape"),
+    pytest.param(lambda: _ids((8,)), ["targets", "shape (8,)", "targets[None]"], id="one-dimensional"),
+    pytest.param(lambda: _ids((1, 2, 8)), ["targets", "shape (1, 2, 8)"], id="three-dimensional"),
+    pytest.param(lambda: torch.zeros(2, 8, dtype=torch.long, device="meta"), ["targets", "device cpu", "meta"],
+                 id="other-device"),
+    pytest.param(lambda: torch.full((2, 8), -100), ["targets", "no position != -100"], id="all-ignored"),
+]
+
+
+@pytest.mark.parametrize("targets, needles", BAD_TARGETS)
+def test_bad_targets_give_one_line(tiny_model, targets, needles):
+    with pytest.raises(SleepzooError) as exc_info:
+        tiny_model(_ids(), targets())
+    assert_one_line(exc_info.value, *needles)
+
+
+@pytest.mark.parametrize("input_ids, targets, needles", [
+    pytest.param(lambda: torch.zeros(0, 8, dtype=torch.long), lambda: torch.zeros(0, 8, dtype=torch.long),
+                 ["input_ids has no rows", "(0, 8)"], id="empty-batch"),
+    pytest.param(lambda: torch.zeros(0, 8, dtype=torch.long), lambda: None, ["no rows"], id="empty-batch-no-targets"),
+    pytest.param(lambda: torch.zeros(2, 0, dtype=torch.long), lambda: None, ["input_ids is empty", "(2, 0)"],
+                 id="empty-sequences"),
+    pytest.param(lambda: _ids().float(), lambda: None, ["input_ids", "torch.float32"], id="float-ids"),
+    pytest.param(lambda: _ids().int(), lambda: None, ["input_ids", ".long()"], id="int32-ids"),
+    pytest.param(lambda: _ids().tolist(), lambda: None, ["input_ids", "got list"], id="list-ids"),
+    pytest.param(lambda: torch.full((2, 8), 9), lambda: None, ["input_ids", "outside [0, 4)"], id="ids-out-of-vocab"),
+    pytest.param(lambda: torch.full((2, 8), -100), lambda: None, ["input_ids", "outside [0, 4)"], id="ids-ignore"),
+])
+def test_bad_input_ids_give_one_line(tiny_model, input_ids, targets, needles):
+    with pytest.raises(SleepzooError) as exc_info:
+        tiny_model(input_ids(), targets())
+    assert_one_line(exc_info.value, *needles)
+
+
+def test_good_targets_still_work(tiny_model):
+    targets = torch.full((2, 8), -100)
+    targets[:, -1] = 2
+    out = tiny_model(_ids(), targets)
+    assert out.num_targets == 2 and torch.isfinite(out.loss)
+
+
+def test_stream_and_ouro_check_their_inputs_too(tiny_model):
+    with pytest.raises(SleepzooError, match="input_ids must be a LongTensor"):
+        next(tiny_model.stream(_ids().float()))
+    from sleepzoo.models.ouro import OuroLM
+
+    ouro = OuroLM(vocab_size=11, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                  total_ut_steps=2)
+    with pytest.raises(SleepzooError, match=r"input_ids hold 1 value\(s\) outside \[0, 11\)"):
+        ouro.exit_logits(torch.tensor([[1, 2, 11]]))

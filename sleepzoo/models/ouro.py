@@ -59,6 +59,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import engine
 from ..config import ModelConfig, RecipeError, SleepConfig
 from ..mixers import MixerState, evict_state
 from ..mixers.attention import Attention
@@ -428,6 +429,7 @@ class OuroLM(SleepModel):
         steps = self.total_ut_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise SleepzooError(f"Ouro: steps={steps!r} must be an integer >= 1")
+        engine.check_inputs(self, input_ids, None)
         h = self.embed(input_ids)  # (B, T, d)
         hiddens, gates = [], []
         for _ in range(steps):
