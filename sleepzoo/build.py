@@ -6,8 +6,12 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import registry
-from .config import Recipe, RecipeError, check_kwargs
+from .config import Recipe, RecipeError, check_kwargs, check_mixer_options
+from .registry import SleepzooError
+from .tasks.base import check_memory
 
 
 def task_options(recipe: Recipe, cls: Any) -> dict[str, Any]:
@@ -39,7 +43,24 @@ def build_task(recipe: Recipe) -> Any:
     where = f"{recipe.source}: task"
     task = cls(**check_kwargs(cls, task_options(recipe, cls), where))
     check_fit(recipe, task)
+    check_sizes(recipe, task)
     return task
+
+
+def check_sizes(recipe: Recipe, task: Any) -> None:
+    """A training batch (of every stage) and the evaluation's test set must fit in memory; checked from the
+    task's sizes (:meth:`Task.check_size`) before anything is generated. A task without ``check_size``
+    (a plugin not built on sleepzoo's Task) is not checked."""
+    check = getattr(task, "check_size", None)
+    if not callable(check):
+        return
+    sizes = {("train.batch_size", staged.train.batch_size) for _, staged in recipe.stage_recipes()}
+    sizes.add(("eval.num_examples", recipe.eval.num_examples))
+    for name, n in sorted(sizes):
+        try:
+            check(n)
+        except SleepzooError as exc:
+            raise RecipeError(f"{recipe.source}: {name}: {exc}") from None
 
 
 def check_fit(recipe: Recipe, task: Any) -> None:
@@ -63,10 +84,30 @@ def check_mixers(recipe: Recipe) -> None:
     for name in dict.fromkeys(recipe.model.layers):
         registry.get("mixer", name)
     for name, options in recipe.model.mixers.items():
-        if not isinstance(options, dict):
-            raise RecipeError(f"{where}: model.mixers.{name}: expected a mapping of settings, got {options!r}")
-        check_kwargs(registry.get("mixer", name), options, f"{where}: model.mixers.{name}",
-                     skip=("d_model", "layer_idx"))
+        check_mixer_options(registry.get("mixer", name), options, f"{where}: model.mixers.{name}")
+
+
+def _meta_model(recipe: Recipe, builder: Any, vocab_size: int) -> Any:
+    """The recipe's model built on the meta device (no memory; the random state left as it was), or None
+    when it can not be built there (the real build then reports its own failure)."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            return builder(recipe.model, vocab_size=vocab_size, sleep=recipe.sleep)
+    except SleepzooError:
+        raise
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def check_model_size(recipe: Recipe, model: Any) -> None:
+    """The weights of ``model`` (a meta-device one: counted, not allocated) must fit in memory."""
+    params = {id(p): p for p in model.parameters()}.values()  # a tied weight counts once
+    count = sum(p.numel() for p in params)
+    try:
+        check_memory(sum(p.numel() * p.element_size() for p in params),
+                     f"model: the {count:,} parameters of this {recipe.model.name} model", "make the model smaller")
+    except SleepzooError as exc:
+        raise RecipeError(str(exc)) from None  # build_model names the recipe
 
 
 def build_model(recipe: Recipe, *, vocab_size: int | None = None) -> Any:
@@ -77,8 +118,14 @@ def build_model(recipe: Recipe, *, vocab_size: int | None = None) -> Any:
         raise RecipeError(f"{recipe.source}: model.vocab_size={recipe.model.vocab_size} but {vocab_size} was asked for")
     registry.get("eviction", recipe.sleep.eviction)  # fail now, not after the first window
     builder = registry.get("model", recipe.model.name)
+    on_meta = torch.get_default_device().type == "meta"
     try:
+        probe = None if on_meta else _meta_model(recipe, builder, vocab_size)
+        if probe is not None:  # weights that can not fit are refused before they are allocated
+            check_model_size(recipe, probe)
         model = builder(recipe.model, vocab_size=vocab_size, sleep=recipe.sleep)
+        if on_meta:
+            check_model_size(recipe, model)
     except RecipeError as exc:  # builders check their options without knowing the file: name it here
         if str(exc).startswith(recipe.source):
             raise

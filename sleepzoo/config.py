@@ -32,6 +32,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -261,6 +262,12 @@ def _describe(tp: Any) -> str:
     return _type_name(tp)
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a 400-digit integer in an error line helps no one)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted (int->float, '1e-4'->float)."""
     origin = typing.get_origin(tp)
@@ -284,10 +291,11 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             raise RecipeError(f"{where}: expected a list ({_type_name(tp)}), got {type(value).__name__} {value!r}")
         (arm,) = typing.get_args(tp)[:1] or (Any,)
         return [coerce(v, arm, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return {coerce(k, key_tp, f"{where} key {k!r}"): coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -297,14 +305,20 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise RecipeError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+        # PyYAML reads 1e-4 (no dot) as a string; an integer too large for a float overflows
+        number = math.nan
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
+                raise RecipeError(f"{where}: expected a number, got {type(value).__name__} {value!r}") from None
+            except OverflowError:
                 pass
-        raise RecipeError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        else:
+            raise RecipeError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(number):
+            raise RecipeError(f"{where}: {_short(value)} is not allowed; expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -411,50 +425,150 @@ def _build_stages(data: Any, source: str) -> list[StageConfig]:
     return stages
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric setting allows: ``low <= x <= high`` (``<`` at an open end), ``None`` unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    note: str = ""  # what the value means, or what a special value does
+
+    def allows(self, x: float) -> bool:
+        return ((self.low is None or x > self.low or (x == self.low and not self.open_low))
+                and (self.high is None or x < self.high or (x == self.high and not self.open_high)))
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = (f"must be in {'(' if self.open_low else '['}{self.low}, {self.high}"
+                    f"{')' if self.open_high else ']'}")
+        elif self.low is not None:
+            text = f"must be {'>' if self.open_low else '>='} {self.low}"
+        else:
+            text = f"must be {'<' if self.open_high else '<='} {self.high}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+SEED = Bound(0, 2**64 - 1, note="torch takes seeds of at most 64 bits")
+
+# The range of every numeric setting of the sections (a list's bound holds for each element). A test checks
+# that every int and float field has one, so a new field cannot go unchecked. Relations between settings
+# (sleep_every <= window, loop_start < loop_end, ...) are checked in _check_values.
+BOUNDS: dict[str, Bound] = {
+    "model.d_model": Bound(1),
+    "model.d_ff": Bound(0, note="the MLP width; 0: no MLP; null: 8/3 d_model rounded up to a multiple of 64"),
+    "model.vocab_size": Bound(1, note="null: the task's vocabulary"),
+    "model.norm_eps": Bound(0, open_low=True, note="the RMSNorm epsilon, e.g. 1e-6"),
+    "model.init_std": Bound(0, open_low=True, note="the standard deviation of the initial weights, e.g. 0.02"),
+    "model.loop_start": Bound(0),
+    "model.loop_end": Bound(1),
+    "model.wake_passes": Bound(1, note="loop steps of the wake pass; null: the config's total_ut_steps"),
+    "model.sleep_layers": Bound(0, note="loop-body layer indices"),
+    "sleep.window": Bound(1, note="tokens per window"),
+    "sleep.loops": Bound(1, note="passes over a window; 1 = no sleep, the plain hybrid"),
+    "sleep.sleep_every": Bound(1, note="new tokens between sleeps; null: sleep every window"),
+    "sleep.truncate": Bound(1, note="windows after which fast weights pass no gradient; null: full BPTT"),
+    "train.steps": Bound(0),
+    "train.batch_size": Bound(1),
+    "train.micro_batch_size": Bound(1, note="rows per forward, for gradient accumulation; null: the whole batch"),
+    "train.seed": SEED,
+    "train.muon_lr": Bound(0, note="a learning rate"),
+    "train.adamw_lr": Bound(0, note="a learning rate"),
+    "train.betas": Bound(0, 1, open_high=True, note="Adam's beta1 and beta2, e.g. [0.9, 0.95]"),
+    "train.weight_decay": Bound(0),
+    "train.grad_clip": Bound(0, note="0 = no clipping"),
+    "train.warmup_steps": Bound(0),
+    "train.decay_fraction": Bound(0, 1),
+    "train.log_every": Bound(1),
+    "train.checkpoint_every": Bound(0, note="0 = only at the end"),
+    "train.keep_checkpoints": Bound(0, note="0 = keep all"),
+    "train.threads": Bound(1, note="torch's CPU threads; null: torch's default"),
+    "eval.every": Bound(0, note="0 = only at the end"),
+    "eval.num_examples": Bound(1),
+    "eval.batch_size": Bound(1),
+    "eval.seed": SEED,
+}
+
+
+# Options that sleepzoo's mixers share by name (``model.mixers.<mixer>.<option>``) and the values they allow;
+# the mixers themselves check how options relate (heads that divide, an even head_dim, ...).
+MIXER_OPTION_BOUNDS: dict[str, Bound] = {
+    **{name: Bound(1) for name in ("num_heads", "num_kv_heads", "head_dim", "conv_size", "chunk_size", "state_size",
+                                   "num_groups", "dconv_generator_reduction")},
+    "window": Bound(1, note="null: no sliding window"),
+    "rope_theta": Bound(0, open_low=True, note="the RoPE base, e.g. 10000"),
+    "norm_eps": Bound(0, open_low=True, note="the norm's epsilon, e.g. 1e-5"),
+    "expand_v": Bound(0, open_low=True),
+    "expand": Bound(0, open_low=True),
+}
+
+
+def check_mixer_options(cls: Any, options: Any, where: str) -> dict:
+    """``model.mixers.<name>`` for the mixer class ``cls``: a mapping of its constructor's arguments (``d_model``
+    and ``layer_idx`` come from the model), typed, within :data:`MIXER_OPTION_BOUNDS`; returned coerced."""
+    if not isinstance(options, dict):
+        raise RecipeError(f"{where}: expected a mapping of settings, got {type(options).__name__} {_short(options)}")
+    kwargs = check_kwargs(cls, options, where, skip=("d_model", "layer_idx"))
+    for key, value in kwargs.items():
+        bound = MIXER_OPTION_BOUNDS.get(key)
+        if bound is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and not bound.allows(value):
+            raise RecipeError(f"{where}.{key}: {_short(value)} is not allowed; {bound}")
+    return kwargs
+
+
+def check_bounds(section: str, settings: Any, where: str) -> None:
+    """Every numeric field of ``settings`` (a section's dataclass) within its :data:`BOUNDS` entry."""
+    for f in dataclasses.fields(settings):
+        bound = BOUNDS.get(f"{section}.{f.name}")
+        value = getattr(settings, f.name)
+        if bound is None or value is None:
+            continue
+        for i, x in enumerate(value) if isinstance(value, list) else [(None, value)]:
+            if not bound.allows(x):
+                name = f"{section}.{f.name}" + ("" if i is None else f"[{i}]")
+                raise RecipeError(f"{where}: {name}: {_short(x)} is not allowed; {bound}")
+
+
+def _is_device(name: str) -> bool:
+    """Whether torch reads ``name`` as a device (whether this machine has it is the trainer's to check)."""
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
 def _check_values(r: Recipe, where: str) -> None:
     def need(cond: bool, field_: str, value: Any, allowed: str) -> None:
         if not cond:
             raise RecipeError(f"{where}: {field_}: {value!r} is not allowed; {allowed}")
 
-    need(r.sleep.window >= 1, "sleep.window", r.sleep.window, "the window must be >= 1 token")
-    need(r.sleep.sleep_every is None or 1 <= r.sleep.sleep_every <= r.sleep.window, "sleep.sleep_every",
+    for section in SECTIONS:
+        if section != "task":
+            check_bounds(section, getattr(r, section), where)
+    need(r.sleep.sleep_every is None or r.sleep.sleep_every <= r.sleep.window, "sleep.sleep_every",
          r.sleep.sleep_every, f"must be in [1, sleep.window = {r.sleep.window}] (null: sleep every window)")
     need(r.sleep.sleep_every in (None, r.sleep.window) or r.sleep.eviction != "full_flush", "sleep.sleep_every",
          r.sleep.sleep_every, "full_flush sleeps on whole windows; use eviction: sliding_window to sleep more often")
-    need(r.sleep.loops >= 1, "sleep.loops", r.sleep.loops, "loops must be >= 1 (1 = no sleep, the plain hybrid)")
-    need(r.train.micro_batch_size is None or r.train.micro_batch_size >= 1, "train.micro_batch_size",
-         r.train.micro_batch_size, "give rows per forward >= 1 (gradient accumulation), or null for the whole batch")
     need(r.sleep.coda in ("sleep", "wake"), "sleep.coda", r.sleep.coda,
          "choose sleep (the coda runs after the last sleep pass, SPEC 1) or wake (it sees only the wake pass)")
-    need(r.sleep.truncate is None or r.sleep.truncate >= 1, "sleep.truncate", r.sleep.truncate,
-         "give a number of windows >= 1 after which fast weights pass no gradient, or null for full BPTT")
-    need(r.model.d_model >= 1, "model.d_model", r.model.d_model, "must be >= 1")
     need(len(r.model.layers) >= 1, "model.layers", r.model.layers, "give at least one mixer name")
-    need(r.train.steps >= 0, "train.steps", r.train.steps, "must be >= 0")
-    need(r.train.batch_size >= 1, "train.batch_size", r.train.batch_size, "must be >= 1")
     need(r.train.optimizer in ("muon", "adamw"), "train.optimizer", r.train.optimizer, "allowed: muon, adamw")
+    need(_is_device(r.train.device), "train.device", r.train.device, "give a torch device: cpu, cuda, cuda:N, ...")
     need(r.train.parallel in PARALLEL, "train.parallel", r.train.parallel, f"allowed: {', '.join(PARALLEL)}")
     need(r.train.autocast in AUTOCAST, "train.autocast", r.train.autocast, f"allowed: {', '.join(AUTOCAST)}")
-    need(0.0 <= r.train.decay_fraction <= 1.0, "train.decay_fraction", r.train.decay_fraction, "must be in [0, 1]")
     need(len(r.train.betas) == 2, "train.betas", r.train.betas, "give two numbers, e.g. [0.9, 0.95]")
-    need(r.train.warmup_steps >= 0, "train.warmup_steps", r.train.warmup_steps, "must be >= 0")
-    need(r.train.log_every >= 1, "train.log_every", r.train.log_every, "must be >= 1")
-    need(r.train.checkpoint_every >= 0, "train.checkpoint_every", r.train.checkpoint_every,
-         "must be >= 0 (0 = only at the end)")
-    need(r.train.keep_checkpoints >= 0, "train.keep_checkpoints", r.train.keep_checkpoints, "must be >= 0 (0 = keep all)")
-    need(r.train.grad_clip >= 0, "train.grad_clip", r.train.grad_clip, "must be >= 0 (0 = no clipping)")
-    need(r.eval.batch_size >= 1, "eval.batch_size", r.eval.batch_size, "must be >= 1")
-    need(r.eval.every >= 0, "eval.every", r.eval.every, "must be >= 0 (0 = only at the end)")
-    need(r.eval.num_examples >= 1, "eval.num_examples", r.eval.num_examples, "must be >= 1")
     need(r.train.trainable is None or len(r.train.trainable) >= 1, "train.trainable", r.train.trainable,
          "give at least one pattern (null trains every parameter)")
     for pattern in r.train.trainable or ():
         need(bool(pattern.strip()) and pattern.strip() != "mixer:", "train.trainable", pattern,
              "give a glob over parameter names (model.layers.1.*) or mixer:NAME (mixer:gated_deltanet)")
-    need(r.model.wake_passes is None or r.model.wake_passes >= 1, "model.wake_passes", r.model.wake_passes,
-         "must be >= 1 (loop steps of the wake pass; null: the config's total_ut_steps)")
     sl = r.model.sleep_layers
-    need(sl is None or (all(i >= 0 for i in sl) and sl == sorted(set(sl))), "model.sleep_layers", sl,
+    need(sl is None or sl == sorted(set(sl)), "model.sleep_layers", sl,
          "list distinct loop-body layer indices >= 0 in increasing order ([] inserts none)")
     need(r.model.pretrained is None or r.model.hf_config is None, "model.pretrained", r.model.pretrained,
          "give model.pretrained (a folder with config.json and weights) or model.hf_config (random weights), "
@@ -462,8 +576,8 @@ def _check_values(r: Recipe, where: str) -> None:
     # The upper bound (the number of blocks) is the model builder's to check: a pretrained model's depth
     # comes from its config.json, not from model.layers.
     lo, hi = r.model.loop_start, r.model.loop_end
-    need((lo is None or lo >= 0) and (hi is None or hi >= 1) and (lo is None or hi is None or lo < hi),
-         "model.loop_start/loop_end", [lo, hi], "need 0 <= loop_start < loop_end <= the number of blocks")
+    need(lo is None or hi is None or lo < hi, "model.loop_start/loop_end", [lo, hi],
+         "need 0 <= loop_start < loop_end <= the number of blocks")
 
 
 def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
@@ -553,8 +667,15 @@ def load_recipe(path: str | Path | dict, overrides: Sequence[str] = ()) -> Recip
         if not p.is_file():
             raise RecipeError(f"recipe {source!r} does not exist (recipes ship in the repository's recipes/ folder)")
         try:
-            data = yaml.safe_load(p.read_text())
+            text = p.read_bytes().decode("utf-8")
+        except OSError as exc:
+            raise RecipeError(f"recipe {source!r} can not be read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"{source}: not a text file (byte {exc.start} is not UTF-8); a recipe is a YAML "
+                              f"text file") from None
+        try:
+            data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise RecipeError(f"{source}: not valid YAML: {exc}") from None
+            raise RecipeError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
     data = apply_overrides(data or {}, overrides, source)
     return recipe_from_dict(data, source)

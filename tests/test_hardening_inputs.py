@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 import sleepzoo
 from sleepzoo import registry
 from sleepzoo.cli import main
-from sleepzoo.config import load_recipe
+from sleepzoo.config import RecipeError, load_recipe
 from sleepzoo.registry import PluginConflictError, PluginImportError, SleepzooError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,3 +252,167 @@ def test_stream_and_ouro_check_their_inputs_too(tiny_model):
                   total_ut_steps=2)
     with pytest.raises(SleepzooError, match=r"input_ids hold 1 value\(s\) outside \[0, 11\)"):
         ouro.exit_logits(torch.tensor([[1, 2, 11]]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# recipe values: `recipe validate` and `train` refuse what the trainer, the optimizers or the model would
+
+BIG = "1" + "0" * 400  # an integer no float holds
+BAD_VALUES = [
+    # learning rates, betas, weight decay, clipping, schedule: the optimizers' and the trainer's ranges
+    ("train.adamw_lr=-1", ["train.adamw_lr", "-1.0 is not allowed", ">= 0"]),
+    ("train.adamw_lr=.nan", ["train.adamw_lr", "nan", "finite"]),
+    ("train.adamw_lr=1e400", ["train.adamw_lr", "finite"]),
+    (f"train.adamw_lr={BIG}", ["train.adamw_lr", "characters)", "finite"]),
+    ("train.muon_lr=-1e-3", ["train.muon_lr", ">= 0"]),
+    ("train.muon_lr=.inf", ["train.muon_lr", "inf", "finite"]),
+    ("train.betas=[0.9,1.0]", ["train.betas[1]", "1.0 is not allowed", "[0, 1)"]),
+    ("train.betas=[-0.1,0.9]", ["train.betas[0]", "[0, 1)"]),
+    ("train.betas=[.nan,0.9]", ["train.betas[0]", "finite"]),
+    ("train.weight_decay=-1", ["train.weight_decay", ">= 0"]),
+    ("train.grad_clip=.nan", ["train.grad_clip", "finite"]),
+    ("train.decay_fraction=1.5", ["train.decay_fraction", "[0, 1]"]),
+    ("train.warmup_steps=-1", ["train.warmup_steps", ">= 0"]),
+    # threads, seeds, device
+    ("train.threads=0", ["train.threads", ">= 1"]),
+    ("train.threads=-1", ["train.threads", ">= 1"]),
+    ("train.seed=-1", ["train.seed", "[0, 18446744073709551615]", "64 bits"]),
+    ("train.seed=18446744073709551616", ["train.seed", "64 bits"]),
+    ("train.seed=99999999999999999999999", ["train.seed", "64 bits"]),
+    ("eval.seed=-1", ["eval.seed", "64 bits"]),
+    ("train.device=foo", ["train.device", "'foo'", "cuda:N"]),
+    # the model's own fields
+    ("model.init_std=-1", ["model.init_std", "> 0"]),
+    ("model.init_std=0", ["model.init_std", "> 0"]),
+    ("model.d_ff=-1", ["model.d_ff", ">= 0", "0: no MLP"]),
+    ("model.norm_eps=-1", ["model.norm_eps", "> 0"]),
+    ("model.norm_eps=0", ["model.norm_eps", "> 0"]),
+    ("model.vocab_size=0", ["model.vocab_size", ">= 1"]),
+    ("model.d_model=0", ["model.d_model", ">= 1"]),
+    ("model.loop_start=-1", ["model.loop_start", ">= 0"]),
+    # a mixer's options: a mapping, typed, in range
+    ("model.mixers.attention=5", ["model.mixers.attention", "expected a mapping", "int 5"]),
+    ("model.mixers={attention: [1]}", ["model.mixers.attention", "expected a mapping"]),
+    ("model.mixers.attention.rope_theta=0", ["model.mixers.attention.rope_theta", "> 0"]),
+    ("model.mixers.attention.rope_theta=-1", ["model.mixers.attention.rope_theta", "> 0"]),
+    ("model.mixers.attention.rope_theta=.nan", ["model.mixers.attention.rope_theta", "finite"]),
+    ("model.mixers.attention.num_heads=0", ["model.mixers.attention.num_heads", ">= 1"]),
+    ("model.mixers.gated_deltanet.norm_eps=-1", ["model.mixers.gated_deltanet.norm_eps", "> 0"]),
+    ("model.mixers.gated_deltanet.expand_v=0", ["model.mixers.gated_deltanet.expand_v", "> 0"]),
+    # sizes the machine can not hold, refused before anything is allocated
+    ("train.batch_size=1000000000000", ["train.batch_size", "GiB", "limit", "fewer examples"]),
+    ("eval.num_examples=1000000000000", ["eval.num_examples", "GiB", "limit"]),
+    ("task.bits=100000000", ["Rule110's 100,000,001 tokens", "GiB", "limit"]),
+    ("model.d_model=1000000", ["model:", "parameters", "GiB", "make the model smaller"]),
+    # a stage's settings are checked as the top level's
+    ("stages=[{name: a, steps: 300, train: {adamw_lr: -1}}]", ["stages[0] (a)", "train.adamw_lr", ">= 0"]),
+    ("stages=[{name: a, steps: 300, train: {batch_size: 1000000000000}}]", ["train.batch_size", "GiB"]),
+]
+
+
+@pytest.mark.parametrize("override, needles", BAD_VALUES, ids=[o[:48] for o, _ in BAD_VALUES])
+def test_validate_and_train_refuse_the_same_values(override, needles, tmp_path):
+    line = assert_one_line_error(invoke("recipe", "validate", TINY, override), str(TINY), *needles)
+    run = tmp_path / "run"
+    assert assert_one_line_error(invoke("train", TINY, override, "--out", run, "--no-progress")) == line
+    assert not (run / "checkpoints").exists()
+
+
+def test_every_numeric_setting_has_a_bound():
+    import dataclasses
+    import typing
+
+    from sleepzoo.config import BOUNDS, SECTIONS
+
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            arms = {tp, *typing.get_args(tp)} | {a for arm in typing.get_args(tp) for a in typing.get_args(arm)}
+            if arms & {int, float}:
+                assert f"{section}.{f.name}" in BOUNDS, f"{section}.{f.name} has no entry in config.BOUNDS"
+
+
+@pytest.mark.parametrize("content, needles", [
+    pytest.param(b"model:\n  d_model: 64\n\xff\xfe binary", ["not a text file", "byte 21", "UTF-8"], id="not-utf8"),
+    pytest.param(b"\x00\x01\x02\x03", ["not valid YAML", "#x0000"], id="nul-bytes"),
+    pytest.param(b"model: {d_model: [unclosed\n", ["not valid YAML", "line 1"], id="broken-yaml"),
+])
+def test_a_file_that_is_not_a_recipe_gives_one_line(tmp_path, content, needles):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    assert_one_line_error(invoke("recipe", "validate", path), str(path), *needles)
+    with pytest.raises(RecipeError) as exc_info:
+        load_recipe(path)
+    assert_one_line(exc_info.value, *needles)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(REPO / "recipes")) for p in RECIPES])
+def test_every_shipped_recipe_still_validates(path):
+    result = invoke("recipe", "validate", path)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("ok")
+
+
+def test_a_model_config_built_in_python_has_its_mixer_options_checked():
+    from sleepzoo.config import ModelConfig
+    from sleepzoo.models.hybrid import HybridLM
+
+    with pytest.raises(RecipeError, match=r"model.mixers.attention: expected a mapping of settings, got int 5"):
+        HybridLM(ModelConfig(d_model=16, layers=["attention"], mixers={"attention": 5}), vocab_size=8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sizes: a task refuses a batch the machine can not hold, before drawing it
+
+
+def test_task_show_of_a_huge_task_gives_one_line():
+    assert_one_line_error(invoke("task", "show", "rule110", "bits=100000000"), "Rule110.generate", "3 examples",
+                          "400,000,004 tokens", "GiB", "bytes", "limit")
+    assert_one_line_error(invoke("task", "export", "rule110", "-n", "1000000000000", "--out", "/dev/null"),
+                          "1,000,000,000,000 examples", "GiB")
+
+
+def test_the_memory_limit_is_a_share_of_the_machine(monkeypatch):
+    from sleepzoo.tasks import base
+    from sleepzoo.tasks.rule110 import Rule110
+
+    monkeypatch.setattr(base, "machine_memory", lambda: 2**30)  # a 1 GiB machine: 512 MiB for a batch
+    task = Rule110(steps=1, states=1, bits=1000)
+    assert task.nbytes(1000) < 2**29 < task.nbytes(40_000)
+    assert task.generate(1000, seed=0)["input_ids"].shape == (1000, 1001)
+    with pytest.raises(SleepzooError) as exc_info:
+        task.generate(40_000, seed=0)
+    assert_one_line(exc_info.value, "40,000 examples", "0.5 GiB", "50% of this machine's 1.0 GiB")
+    monkeypatch.setattr(base, "machine_memory", lambda: None)  # unknown: nothing is refused
+    assert base.memory_limit() is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pretrained configs: the fields a model would turn into NaN logits
+
+OURO = {"model_type": "ouro", "vocab_size": 41, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 6, "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6, "total_ut_steps": 2, "early_exit_threshold": 1.0}
+JET = {"model_type": "jet_nemotron", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+       "num_attention_heads": 4, "num_key_value_heads": 2, "layer_types": ["jet", "attn"], "vocab_size": 41,
+       "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+       "efficient_attention_config": {"jet": {"conv_size": 4, "dconv_generator_reduction": 4, "expand_v": 2.0,
+                                              "head_dim": 8, "num_heads": 2, "norm_eps": 1e-5}}}
+
+
+@pytest.mark.parametrize("base, field, value", [
+    (OURO, "rms_norm_eps", -1), (OURO, "rms_norm_eps", 0), (OURO, "rope_theta", 0), (OURO, "rope_theta", "nan"),
+    (OURO, "initializer_range", -0.02), (OURO, "early_exit_threshold", 2.0),
+    (JET, "rms_norm_eps", -1), (JET, "rope_theta", 0), (JET, "initializer_range", -1),
+], ids=lambda v: v["model_type"] if isinstance(v, dict) else str(v))
+def test_a_pretrained_config_with_a_bad_value_gives_one_line(tmp_path, base, field, value):
+    from sleepzoo.pretrained import from_config, from_pretrained, save_pretrained
+
+    bad = tmp_path / "bad"
+    save_pretrained(from_config(base), bad)  # a folder that loads, until its config.json is edited
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, field: value}))
+    for build in (from_config, from_pretrained):
+        with pytest.raises(SleepzooError) as exc_info:
+            build(bad)
+        assert_one_line(exc_info.value, str(bad / "config.json"), f"{field}={value!r}")

@@ -11,7 +11,7 @@ import math
 from torch import Tensor, nn
 
 from .. import registry
-from ..config import ModelConfig, RecipeError, SleepConfig, check_kwargs
+from ..config import ModelConfig, RecipeError, SleepConfig, check_mixer_options
 from .base import Block, SleepModel
 
 
@@ -23,8 +23,7 @@ def default_d_ff(d_model: int) -> int:
 def build_mixer(name: str, d_model: int, layer_idx: int, options: dict, where: str) -> nn.Module:
     """Build mixer ``name`` (kind ``mixer``) with its recipe options checked against its signature."""
     cls = registry.get("mixer", name)
-    kwargs = check_kwargs(cls, options, where, skip=("d_model", "layer_idx"))
-    return cls(d_model, layer_idx=layer_idx, **kwargs)
+    return cls(d_model, layer_idx=layer_idx, **check_mixer_options(cls, options, where))
 
 
 class HybridLM(SleepModel):

@@ -167,6 +167,7 @@ def parse_config(cfg: dict, where: str = "config") -> dict:
                           "num_key_value_heads", "vocab_size", "max_position_embeddings")}
     s["rms_norm_eps"] = _float(c, "rms_norm_eps", where)
     s["rope_theta"] = _float(c, "rope_theta", where)
+    s["initializer_range"] = _float(c, "initializer_range", where)
     if not isinstance(c["tie_word_embeddings"], bool):
         raise _fail(where, f"tie_word_embeddings={c['tie_word_embeddings']!r} must be true or false")
     s["tie_word_embeddings"] = c["tie_word_embeddings"]
@@ -256,7 +257,7 @@ class JetNemotronLM(SleepModel):
         if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi <= n):
             raise SleepzooError(f"loop_range={loop_range!r}: need integers 0 <= start < end <= {n} (the blocks)")
         self.loop_range = (lo, hi)
-        self._init_weights(float(config.get("initializer_range", 0.02)))
+        self._init_weights(s["initializer_range"])
         self.tie_weights()
 
     def _mixer(self, kind: str, i: int) -> nn.Module:

@@ -53,6 +53,7 @@ pretrained function is unchanged until training moves it.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -60,7 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import engine
-from ..config import ModelConfig, RecipeError, SleepConfig
+from ..config import ModelConfig, RecipeError, SleepConfig, check_mixer_options
 from ..mixers import MixerState, evict_state
 from ..mixers.attention import Attention
 from ..registry import SleepzooError
@@ -200,6 +201,15 @@ def _check_config(cfg: dict) -> None:
         raise SleepzooError("Ouro config: unsupported value(s): " + "; ".join(bad))
 
 
+def _number(value: Any) -> float:
+    """``value`` as a finite float (a config may write "1e-6" as a string); NaN for anything else."""
+    try:
+        number = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
+    return number if math.isfinite(number) else math.nan
+
+
 def _positive_int(cfg: dict, name: str) -> int:
     value = cfg[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -231,6 +241,13 @@ class OuroLM(SleepModel):
                             ("total_ut_steps", total_ut_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SleepzooError(f"Ouro: {name}={value!r} must be an integer >= 1")
+        for name, value in (("rope_theta", rope_theta), ("rms_norm_eps", rms_norm_eps),
+                            ("initializer_range", initializer_range)):
+            if not _number(value) > 0:  # a NaN compares false too
+                raise SleepzooError(f"Ouro: {name}={value!r} must be a positive number")
+        if early_exit_threshold is not None and not 0 <= _number(early_exit_threshold) <= 1:
+            raise SleepzooError(f"Ouro: early_exit_threshold={early_exit_threshold!r} must be a number in [0, 1] "
+                                f"or null")
         d = hidden_size
         self.vocab_size = vocab_size
         self.hidden_size = d
@@ -561,7 +578,9 @@ def build_ouro(config: ModelConfig, *, vocab_size: int | None = None, sleep: Sle
     if unused:
         raise RecipeError(f"model.mixers: {', '.join(unused)} not used by the ouro model (attention: its layers "
                           f"when built from scratch; jet: the inserted sleep layers)")
-    jet = dict(config.mixers.get("jet", {}))
+    from ..mixers.jet import JetBlock
+
+    jet = check_mixer_options(JetBlock, config.mixers.get("jet", {}), "model.mixers.jet")
     if config.pretrained is not None or config.hf_config is not None:
         if "attention" in config.mixers:
             raise RecipeError("model.mixers.attention: a pretrained Ouro's attention comes from its config.json; "
@@ -584,6 +603,7 @@ def build_ouro(config: ModelConfig, *, vocab_size: int | None = None, sleep: Sle
         if extra:
             raise RecipeError(f"model.mixers.attention: {', '.join(extra)} not supported by the ouro model "
                               f"(allowed: {', '.join(sorted(allowed))})")
+        attn = check_mixer_options(Attention, attn, "model.mixers.attention")
         if vocab_size is None:
             raise RecipeError("model: an ouro model built from scratch takes its vocabulary from the task "
                               "(vocab_size)")

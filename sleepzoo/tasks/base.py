@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar, Union
 
 import numpy as np
@@ -86,6 +88,45 @@ def _check_int(owner: str, name: str, value: Any, minimum: int | None = None, ma
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise SleepzooError(f"{owner}: {name} must be {allowed}, got {value!r}")
     return int(value)
+
+
+#: The share of the machine's memory that one generated batch (or a model's weights) may take.
+MEMORY_FRACTION = 0.5
+
+
+def machine_memory() -> int | None:
+    """Bytes of memory this process can use: the physical memory, or a smaller cgroup (container) limit;
+    None where neither can be read."""
+    total = None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(int(limit), total or int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def memory_limit() -> int | None:
+    """The most bytes a batch may take: :data:`MEMORY_FRACTION` of :func:`machine_memory` (None: no limit)."""
+    total = machine_memory()
+    return None if total is None else int(total * MEMORY_FRACTION)
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:,.1f} GiB"
+
+
+def check_memory(nbytes: int, what: str, fix: str) -> None:
+    """Refuse, before allocating, ``what`` that needs ``nbytes`` when that is more than :func:`memory_limit`."""
+    limit = memory_limit()
+    if limit is not None and nbytes > limit:
+        raise SleepzooError(f"{what} need about {gib(nbytes)} ({nbytes:,} bytes), more than the limit of "
+                            f"{gib(limit)} ({MEMORY_FRACTION:.0%} of this machine's {gib(machine_memory())}); {fix}")
 
 
 def _scores(example_loss: torch.Tensor, correct: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
@@ -198,6 +239,19 @@ class Task:
         return {}
 
     # ------------------------------------------------------------------------------------------- data
+    def nbytes(self, num_examples: int) -> int:
+        """About the bytes ``generate(num_examples)`` allocates: ``input_ids`` and ``targets`` (int64), and
+        one draw of :attr:`draw_chunk` candidates at about a byte per token."""
+        return (16 * num_examples + self.draw_chunk) * self.seq_len
+
+    def check_size(self, num_examples: int, what: str | None = None) -> None:
+        """Refuse ``num_examples`` examples that would not fit in memory (:func:`check_memory`), before
+        anything is drawn; ``what`` names the setting that asked for them."""
+        asked = f"{what}: " if what else ""
+        check_memory(self.nbytes(num_examples),
+                     f"{asked}{num_examples:,} examples of {type(self).__name__}'s {self.seq_len:,} tokens",
+                     "ask for fewer examples, or shorter sequences (the task's options)")
+
     def is_test(self, content: Content) -> np.ndarray:
         """Bool array: which of these contents belong to the test split."""
         keys = self._split_key(content)
@@ -216,6 +270,7 @@ class Task:
         seed = _check_int(owner, "seed", seed, minimum=0)
         if split not in SPLITS:
             raise SleepzooError(f"{owner}: split must be one of {', '.join(SPLITS)}, got {split!r}")
+        self.check_size(n, owner)
         want_test = split == "test"
         # The split is part of the seed so that train and test of one seed are unrelated streams.
         rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split)]))

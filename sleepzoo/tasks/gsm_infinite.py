@@ -715,6 +715,7 @@ number of manuals in Elm Library. Answer: 4. => 4.
         seed = _check_int(owner, "seed", seed, minimum=0)
         if split not in SPLITS:
             raise SleepzooError(f"{owner}: split must be one of {', '.join(SPLITS)}, got {split!r}")
+        self.check_size(n, owner)
         return n, seed
 
     def generate(self, num_examples: int, seed: int, split: str = "train") -> dict[str, torch.Tensor]:
