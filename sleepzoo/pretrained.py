@@ -416,7 +416,10 @@ def build_pretrained(model_type: str, config: ModelConfig, *, sleep: SleepConfig
                 return from_config(reference, sleep=sleep)
             model = from_config(path, sleep=sleep)
             if (path / WEIGHTS_NAME).is_file() or (path / INDEX_NAME).is_file():
-                check_weights(model, _shapes(weight_files(path)), source=f"weights in {str(path)!r}")
+                shapes = _shapes(weight_files(path))
+                if getattr(model, "sleep_gate", None) is not None and "sleep_gate" not in shapes:
+                    shapes["sleep_gate"] = list(model.sleep_gate.shape)  # from_pretrained adds it, at zero
+                check_weights(model, shapes, source=f"weights in {str(path)!r}")
         else:
             if not path.is_dir():
                 raise RecipeError(f"model.pretrained: {folder!r} does not exist; download the weights first, e.g. "

@@ -416,3 +416,20 @@ def test_a_pretrained_config_with_a_bad_value_gives_one_line(tmp_path, base, fie
         with pytest.raises(SleepzooError) as exc_info:
             build(bad)
         assert_one_line(exc_info.value, str(bad / "config.json"), f"{field}={value!r}")
+
+
+def test_validate_takes_a_pretrained_folder_without_the_sleep_gate_as_train_does(tmp_path):
+    """sleep.gate adds a parameter the pretrained files do not hold; from_pretrained adds it at zero after
+    loading, so `recipe validate` (the meta-device build) must not call it missing."""
+    from sleepzoo.pretrained import from_config, save_pretrained
+
+    folder = tmp_path / "ouro"
+    save_pretrained(from_config(OURO), folder)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name": "ouro", "pretrained": str(folder), "sleep_layers": [], "wake_passes": 1},
+        "sleep": {"window": 9, "loops": 2, "gate": True},
+        "task": {"name": "rule110", "steps": 1, "states": 1, "bits": 8},
+        "train": {"steps": 1, "batch_size": 2}, "eval": {"num_examples": 2, "batch_size": 2}}))
+    result = invoke("recipe", "validate", recipe)
+    assert result.exit_code == 0, result.output
