@@ -148,12 +148,29 @@ def _token(vocab: Sequence[str], i: int) -> str:
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--top-k", type=int)
 @click.option("--seed", type=int, default=0, show_default=True, help="Test examples and sampling seed.")
+@click.option("--memory", "memory_file", type=click.Path(dir_okay=False),
+              help="A memory file: loaded first if it exists (the conversation so far), saved after.")
 def generate_command(run_dir: str, prompt: str | None, num_prompts: int, max_new_tokens: int, loops: int | None,
                      window: int | None, eviction: str | None, sample: bool, temperature: float,
-                     top_k: int | None, seed: int) -> None:
+                     top_k: int | None, seed: int, memory_file: str | None) -> None:
     """Stream a prompt through RUN_DIR's model and continue it token by token, sleeping whenever the
-    window fills (the memory in use stays bounded by the window and the fast weights)."""
+    window fills (the memory in use stays bounded by the window and the fast weights).
+
+    With --memory FILE the prompts continue one stream: the memory saved by an earlier call if FILE exists
+    (its window, loops and eviction hold), and the stream (prompts and generated tokens) is saved back to FILE,
+    so two invocations continue one conversation."""
     _, model, task, step = load_run(run_dir)
+    stream = None
+    if memory_file is not None:
+        from .memory import load_stream
+
+        settings = {k: v for k, v in (("window", window), ("loops", loops), ("eviction", eviction)) if v is not None}
+        if Path(memory_file).exists():
+            stream = load_stream(model.eval(), memory_file, **settings)
+            click.echo(f"memory {memory_file}: {stream.tokens} tokens so far, {stream.sleeps} sleeps")
+        else:
+            stream = model.eval().start_stream(window=window, loops=loops, eviction=eviction)
+        window, loops, eviction = stream.policy.window, stream.loops, None
     if prompt is not None:
         index = {tok: i for i, tok in enumerate(task.vocab)}
         unknown = [tok for tok in prompt.split() if tok not in index]
@@ -171,14 +188,51 @@ def generate_command(run_dir: str, prompt: str | None, num_prompts: int, max_new
     click.echo(f"{run_dir} (step {step}): loops {loops or model.sleep.loops}, window {window or model.sleep.window}, "
                f"eviction {eviction or model.sleep.eviction}")
     for ids, expected in prompts:
-        out = model.generate(ids, max_new_tokens, window=window, loops=loops, eviction=eviction, do_sample=sample,
-                             temperature=temperature, top_k=top_k, generator=generator)
+        if stream is not None:
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
+                                     generator=generator, stream=stream)
+        else:
+            out = model.generate(ids, max_new_tokens, window=window, loops=loops, eviction=eviction,
+                                 do_sample=sample, temperature=temperature, top_k=top_k, generator=generator)
         new = out[0, ids.shape[1]:].tolist()
         click.echo(f"prompt ({ids.shape[1]} tokens): {task.decode(ids[0].tolist())}")
         line = " ".join(_token(task.vocab, i) for i in new)
         if expected is not None:
             line += f"   (expected first token: {_token(task.vocab, expected)})"
         click.echo(f"  -> {line}")
+    if stream is not None:
+        from .memory import save_stream
+
+        save_stream(stream, memory_file)
+        click.echo(f"saved the memory to {memory_file}: {stream.tokens} tokens, {stream.sleeps} sleeps")
+
+
+@main.group("memory")
+def memory_group() -> None:
+    """Saved stream memories (`sleepzoo generate --memory FILE`, `Stream.save`)."""
+
+
+@memory_group.command("show")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print it as JSON.")
+def memory_show(file: str, as_json: bool) -> None:
+    """What a memory FILE holds: its settings, how far the stream got, the model it belongs to, its bytes."""
+    from .memory import describe
+
+    info = describe(file)
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    s = info["settings"]
+    click.echo(f"{info['file']}: {info['file_bytes']:,} bytes")
+    click.echo(f"  stream: {info['tokens']} tokens seen, {info['filled']} in the current window, "
+               f"{info['sleeps']} sleeps, batch {info['batch']}")
+    click.echo("  settings: " + ", ".join(f"{k} {v}" for k, v in s.items()))
+    click.echo(f"  model: {info['model']['class']} (config {info['model']['config'][:12]}, "
+               f"weights {info['model']['weights'][:12]})")
+    for kind, n in sorted(info["tensor_bytes"].items()):
+        click.echo(f"  {kind}: {n:,} bytes")
 
 
 # ---------------------------------------------------------------------------------------------------------

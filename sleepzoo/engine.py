@@ -467,6 +467,21 @@ class Stream:
         other.chunk_start = other.states if self.chunk_start is self.states else list(self.chunk_start)
         return other
 
+    def save(self, path: Any) -> Any:
+        """Write this stream's memory (fast weights, retained caches, the current chunk, its position) to one
+        file, atomically, so that :meth:`load` in another process continues it exactly (sleepzoo.memory)."""
+        from .memory import save_stream
+
+        return save_stream(self, path)
+
+    @classmethod
+    def load(cls, model: "SleepModel", path: Any, **settings: Any) -> "Stream":
+        """The stream saved at ``path``, over ``model``: its settings come from the file (any given must match
+        them); another model, other weights or other settings are one error naming what differs."""
+        from .memory import load_stream
+
+        return load_stream(model, path, **settings)
+
     def sleep(self) -> None:
         """Consolidate the current chunk (passes 2..loops) and evict; the next token starts a new chunk."""
         feats = torch.cat(self.feats, dim=1)  # (B, chunk, d)

@@ -198,11 +198,16 @@ class SleepModel(nn.Module):
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, window: int | None = None,
                  loops: int | None = None, eviction: Any = None, sleep_every: int | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, stream: Any = None) -> Tensor:
         """Continue ``input_ids`` (B, T) by ``max_new_tokens`` tokens: the prompt is prefilled chunk by
         chunk, then tokens are decoded one at a time; the model sleeps whenever its window fills. Greedy
         unless ``do_sample`` (softmax at ``temperature``, optionally restricted to the ``top_k`` most
-        likely tokens). Returns (B, T + max_new_tokens)."""
+        likely tokens). Returns (B, T + max_new_tokens).
+
+        ``stream``: continue an existing :class:`~sleepzoo.engine.Stream` (e.g. one loaded with
+        ``Stream.load``) instead of starting one; its settings hold (``window``, ``loops``, ``eviction``,
+        ``sleep_every`` must then be None), and it is left holding the prompt and every generated token, so a
+        later call continues the same conversation."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise SleepzooError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
         if do_sample and not temperature > 0:
@@ -212,13 +217,23 @@ class SleepModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            stream = self.start_stream(window=window, loops=loops, eviction=eviction, sleep_every=sleep_every)
+            keep = stream is not None
+            if keep:
+                given = {k: v for k, v in (("window", window), ("loops", loops), ("eviction", eviction),
+                                           ("sleep_every", sleep_every)) if v is not None}
+                if given:
+                    raise SleepzooError(f"generate(stream=...): the stream's own settings hold; leave "
+                                        f"{', '.join(given)} unset")
+                if stream.model is not self:
+                    raise SleepzooError("generate(stream=...): the stream belongs to another model")
+            else:
+                stream = self.start_stream(window=window, loops=loops, eviction=eviction, sleep_every=sleep_every)
             logits = stream.feed(input_ids)[:, -1]  # (B, vocab)
             out = [input_ids]
             for i in range(max_new_tokens):
                 nxt = sample_next(logits, do_sample, temperature, top_k, generator)  # (B, 1)
                 out.append(nxt)
-                if i + 1 < max_new_tokens:
+                if i + 1 < max_new_tokens or keep:  # a kept stream also reads the last token
                     logits = stream.feed(nxt)[:, -1]
         finally:
             self.train(was_training)
