@@ -162,7 +162,7 @@ def generate_command(run_dir: str, prompt: str | None, num_prompts: int, max_new
     _, model, task, step = load_run(run_dir)
     stream = None
     if memory_file is not None:
-        from .memory import load_stream
+        from .memory import load_stream, stream_settings
 
         settings = {k: v for k, v in (("window", window), ("loops", loops), ("eviction", eviction)) if v is not None}
         if Path(memory_file).exists():
@@ -170,7 +170,7 @@ def generate_command(run_dir: str, prompt: str | None, num_prompts: int, max_new
             click.echo(f"memory {memory_file}: {stream.tokens} tokens so far, {stream.sleeps} sleeps")
         else:
             stream = model.eval().start_stream(window=window, loops=loops, eviction=eviction)
-        window, loops, eviction = stream.policy.window, stream.loops, None
+        window, loops, eviction = stream.policy.window, stream.loops, stream_settings(stream)["eviction"]
     if prompt is not None:
         index = {tok: i for i, tok in enumerate(task.vocab)}
         unknown = [tok for tok in prompt.split() if tok not in index]

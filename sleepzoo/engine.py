@@ -440,10 +440,16 @@ class Stream:
         self.filled = 0  # tokens of the current chunk seen so far
         self.tokens = 0  # tokens seen in all
         self.sleeps = 0
+        self.batch: int | None = None  # rows, fixed by the first feed (the states hold one memory per row)
 
     def feed(self, ids: Tensor) -> Tensor:
         """Process new tokens ``ids`` (B, t); return their wake logits (B, t, vocab)."""
         check_inputs(self.model, ids, None)
+        if self.batch is not None and ids.shape[0] != self.batch:
+            raise SleepzooError(f"Stream.feed: ids have {ids.shape[0]} rows but this stream holds the memory of "
+                                f"{self.batch} (its first feed, or the memory it was loaded from); feed "
+                                f"({self.batch}, t) ids, or start a new stream")
+        self.batch = ids.shape[0]
         out = []
         pos = 0
         while pos < ids.shape[1]:

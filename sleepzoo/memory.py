@@ -33,6 +33,7 @@ from .registry import SleepzooError
 
 FORMAT = "sleepzoo-memory/1"
 HEADER_KEY = "sleepzoo_memory"
+_HEADER_KEYS = ("model", "settings", "tokens", "filled", "sleeps", "batch", "states", "chunk_start", "feats")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -51,7 +52,8 @@ def model_fingerprint(model: torch.nn.Module) -> dict[str, str]:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         weights.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        weights.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            weights.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # the bytes, not a copy
     return {"class": f"{type(model).__module__}.{type(model).__qualname__}",
             "config": hashlib.blake2b(config_text.encode(), digest_size=16).hexdigest(),
             "weights": weights.hexdigest()}
@@ -191,6 +193,10 @@ def read_memory(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         found = header.get("format") if isinstance(header, dict) else None
         raise SleepzooError(f"memory file {str(path)!r} has format {found!r}; this sleepzoo reads {FORMAT!r}")
+    missing = [k for k in _HEADER_KEYS if k not in header]
+    if missing or not isinstance(header["settings"], dict) or not isinstance(header["model"], dict):
+        raise SleepzooError(f"memory file {str(path)!r} lacks {', '.join(missing) or 'valid settings'} in its "
+                            f"header; it is damaged")
     return header, tensors
 
 
@@ -235,6 +241,7 @@ def load_stream(model: torch.nn.Module, path: str | Path, **settings: Any) -> An
     feats = header.get("feats")
     stream.feats = [] if feats is None else [_unpack(feats, tensors, device, source)]
     stream.tokens, stream.filled, stream.sleeps = int(header["tokens"]), int(header["filled"]), int(header["sleeps"])
+    stream.batch = header["batch"]
     return stream
 
 

@@ -131,7 +131,7 @@ def _conflict(kind: str, name: str, eps: list[md.EntryPoint]) -> PluginConflictE
         how = f"uninstall all but one of them (e.g. pip uninstall {others[-1]})"
     return PluginConflictError(
         f"{kind} {name!r} is registered by {len(eps)} distributions, {who}; sleepzoo does not pick one by "
-        f"install order: {how}. In Python, registry.register({kind!r}, {name!r}) also chooses for this process.")
+        f"install order: {how}. In Python, registry.register({kind!r}, {name!r})(TheClass) also chooses for this process.")
 
 
 @contextlib.contextmanager

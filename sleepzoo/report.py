@@ -383,7 +383,7 @@ def load_result(run_dir: str | Path, note: Callable[[str], None] | None = None) 
             note(f"note: {final} is damaged ({why}); {run} counts with its newest evaluation in metrics.jsonl, "
                  f"if any (`sleepzoo eval {run}` writes eval.json again)")
         else:
-            candidates.append((_row_step(row) or -1, "eval.json", row))
+            candidates.append((-1 if _row_step(row) is None else _row_step(row), "eval.json", row))
     log = run / "metrics.jsonl"
     if log.is_file():
         for line in reversed(log.read_text(errors="replace").splitlines()):

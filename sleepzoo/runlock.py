@@ -28,6 +28,8 @@ from typing import Any
 
 from .registry import SleepzooError
 
+_TAKEOVER_EXPIRY_S = 10.0  # a takeover file older than this was left by a starter that died holding it
+
 LOCK_NAME = "train.lock"
 #: A lock file that does not parse is taken over only when older than this: on a file system without hard
 #: links the lock is created and then written, and a starter must not take a lock being written right now.
@@ -128,7 +130,7 @@ class RunLock:
 
     def _acquire(self) -> None:
         took_over = None
-        for _ in range(5):
+        for _ in range(100):
             if self._create():
                 self.held = True
                 if took_over:
@@ -176,23 +178,34 @@ class RunLock:
             tmp.unlink(missing_ok=True)
 
     def _take_over(self, inode: int, raw: bytes) -> bool:
-        """Move the stale lock (the file with this inode and content) out of the way; False if someone else
-        did, or if the file now under the lock's name is another (a fresh lock, which is put back)."""
-        doomed = self.path.with_name(f"{LOCK_NAME}.stale-{uuid.uuid4().hex[:8]}")
+        """Remove the stale lock (the file with this inode and content); False if it is gone or replaced, or
+        another starter is taking it over right now.
+
+        Takeovers are serialised by a second file created exclusively (``train.lock.takeover``): under it,
+        the lock file can not change unless its holder releases it, and a stale lock has no live holder, so
+        a file that still has the stale inode and bytes is the stale lock and may be unlinked. A lock file
+        is never moved away, so there is no moment without one while a live holder has it. A takeover file
+        left by a starter that died inside this method (it is held for microseconds) expires after 10 s."""
+        guard = self.path.with_name(f"{LOCK_NAME}.takeover")
         try:
-            os.rename(self.path, doomed)
-        except FileNotFoundError:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                if time.time() - guard.stat().st_mtime > _TAKEOVER_EXPIRY_S:
+                    guard.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.02)
             return False
-        found = _read(doomed)
-        if found is not None and (found[1], found[0]) != (inode, raw):
-            try:  # a lock taken since we looked: give it back to its holder
-                os.link(doomed, self.path)
-            except FileExistsError:
-                pass  # a third process locked meanwhile; it holds the lock now
-            doomed.unlink(missing_ok=True)
-            return False
-        doomed.unlink(missing_ok=True)
-        return True
+        try:
+            found = _read(self.path)
+            if found is None or (found[1], found[0]) != (inode, raw):
+                return False  # released, or a fresh lock taken since we looked
+            self.path.unlink()
+            return True
+        finally:
+            os.close(fd)
+            guard.unlink(missing_ok=True)
 
     def release(self) -> None:
         if not self.held:

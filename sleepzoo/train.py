@@ -567,6 +567,13 @@ def _resume_checkpoint(out: Path, main: bool) -> Checkpoint:
             print(f"note: skipping damaged {exc}", flush=True)
         if skipped and ckpt is not None:
             print(f"note: resuming from the newest intact checkpoint, step {ckpt.step} ({ckpt.path})", flush=True)
+    if distributed.active():  # every rank resumes from the step rank 0 chose, or none does (no rank waits alone)
+        mine = -1 if ckpt is None else ckpt.step
+        chosen = distributed.broadcast_object(mine)
+        if float(distributed.all_reduce_sum([float(mine != chosen)])[0]):
+            raise SleepzooError(f"cannot resume {str(out)!r}: the processes found different newest intact "
+                                f"checkpoints (rank 0: step {chosen}; this rank: step {mine}; -1 is none); check "
+                                f"that every process reads the same files, then resume again")
     if ckpt is None:
         raise SleepzooError(f"cannot resume {str(out)!r}: none of its {len(skipped)} checkpoint(s) is intact (the "
                             f"newest: {skipped[0] if skipped else 'none'}); start the run over: delete {str(out)!r} "

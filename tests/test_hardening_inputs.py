@@ -433,3 +433,24 @@ def test_validate_takes_a_pretrained_folder_without_the_sleep_gate_as_train_does
         "train": {"steps": 1, "batch_size": 2}, "eval": {"num_examples": 2, "batch_size": 2}}))
     result = invoke("recipe", "validate", recipe)
     assert result.exit_code == 0, result.output
+
+
+def test_the_meta_size_probe_never_refuses_a_run_the_real_build_accepts(tmp_path):
+    """A pretrained folder that holds a sleep gate, used by a recipe without sleep.gate: from_pretrained loads
+    it (the files' gate is built), so build_model must too; the meta-device size probe only counts weights."""
+    import yaml
+
+    import sleepzoo
+    from sleepzoo.config import SleepConfig, load_recipe
+    from sleepzoo.pretrained import from_config, save_pretrained
+
+    ouro = {"model_type": "ouro", "vocab_size": 41, "hidden_size": 16, "intermediate_size": 24,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 6,
+            "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "total_ut_steps": 2, "early_exit_threshold": 1.0}
+    save_pretrained(from_config(ouro, sleep=SleepConfig(window=9, loops=2, gate=True)), tmp_path / "ouro")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({
+        "model": {"name": "ouro", "pretrained": str(tmp_path / "ouro"), "sleep_layers": [], "wake_passes": 1},
+        "sleep": {"window": 9, "loops": 2}, "task": {"name": "rule110", "steps": 1, "states": 1, "bits": 8},
+        "train": {"steps": 1, "batch_size": 2}, "eval": {"num_examples": 2, "batch_size": 2}}))
+    model = sleepzoo.build_model(load_recipe(tmp_path / "r.yaml"), vocab_size=41)
+    assert model.sleep_gate is not None

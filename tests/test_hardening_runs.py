@@ -85,13 +85,30 @@ def test_a_taker_that_looked_too_early_does_not_steal_the_winners_lock(tmp_path)
     raw, inode, _ = runlock._read(stale)  # B judges the lock stale ...
     winner = RunLock(tmp_path).acquire()  # ... A takes it over first ...
     loser = RunLock(tmp_path)
-    assert not loser._take_over(inode, raw)  # ... so B's rename finds A's lock, and puts it back
+    assert not loser._take_over(inode, raw)  # ... so B finds A's lock, not the stale one, and leaves it
     assert lock_holder(tmp_path)["pid"] == os.getpid()
     assert json.loads(stale.read_text())["token"] == winner.token
     with pytest.raises(RunBusy, match="being trained by another process"):
         loser.acquire()
     winner.release()
     assert not stale.exists()
+
+
+def test_a_takeover_in_progress_is_never_interleaved_and_an_abandoned_one_expires(tmp_path, monkeypatch):
+    """Takeovers are serialised by train.lock.takeover: while one is in progress another starter waits (the
+    stale lock stays until the first has removed it, so there is never a moment without a lock to a live
+    holder); a takeover file left by a starter that died expires."""
+    stale = write_lock(tmp_path, json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
+    raw, inode, _ = runlock._read(stale)
+    guard = tmp_path / "train.lock.takeover"
+    guard.write_text("")  # another starter is inside its takeover
+    assert not RunLock(tmp_path)._take_over(inode, raw)
+    assert stale.exists() and runlock._read(stale)[0] == raw  # the stale lock is untouched
+    old = time.time() - 60
+    os.utime(guard, (old, old))  # ... and that starter died there
+    lock = RunLock(tmp_path).acquire()
+    assert lock_holder(tmp_path)["pid"] == os.getpid() and not guard.exists()
+    lock.release()
 
 
 @pytest.mark.parametrize("text,why", [("", "it was empty"), ("\x00\x00{garb", "not a lock record"),
@@ -367,3 +384,4 @@ def test_compare_notes_a_damaged_eval_json_and_goes_on(plugins, recipe_file, tmp
     assert any("without an evaluation yet" in n and "loops3" in n for n in notes), notes
     assert "Traceback" not in result.output
     assert "not finished" not in result.stdout  # loops1 counts with the final evaluation in its metrics.jsonl
+

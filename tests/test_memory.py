@@ -58,6 +58,7 @@ def test_a_new_process_continues_the_conversation(tmp_path):
         import torch
         from sleepzoo.memory import load_stream
         from tests.test_streaming import tiny_model
+        torch.set_num_threads({torch.get_num_threads()})  # the same reduction order as this process
         model = tiny_model(dtype=torch.float64)
         ids = torch.load({str(tmp_path / 'rest.pt')!r})
         with torch.no_grad():
@@ -173,3 +174,19 @@ def test_cli_generate_with_memory_continues_one_conversation(tmp_path):
     refused = runner.invoke(main, ["generate", str(run), "--prompt", p1, "--loops", "3", "--memory", str(mem)])
     assert refused.exit_code != 0 and "settings.loops: saved 2, asked for 3" in refused.output
     assert "Traceback" not in refused.output
+
+
+def test_a_loaded_stream_keeps_its_batch_and_a_header_without_its_keys_is_damaged(tmp_path):
+    path = _saved(tmp_path)  # a batch of 2
+    stream = load_stream(tiny_model(), path)
+    with torch.no_grad(), pytest.raises(SleepzooError, match="ids have 1 rows but this stream holds the memory of 2"):
+        stream.feed(torch.randint(0, 13, (1, 3)))
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    header = json.loads(__import__("safetensors").safe_open(str(path), "pt").metadata()["sleepzoo_memory"])
+    del header["states"]
+    save_file(load_file(str(path)), str(tmp_path / "bad.safetensors"), metadata={"sleepzoo_memory": json.dumps(header)})
+    with pytest.raises(SleepzooError, match="lacks states"):
+        describe(tmp_path / "bad.safetensors")
