@@ -28,7 +28,9 @@ SOLVED = 0.95
 def load(run: Path) -> dict | None:
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     evals, last_train = [], {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []  # none yet: a run that just started
+    for line in lines:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
