@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import registry
+from .checkpoint import atomic_write_bytes
 from .registry import SleepzooError
 
 FORMAT = "sleepzoo-memory/1"
@@ -165,15 +164,7 @@ def save_stream(stream: Any, path: str | Path) -> Path:
     data = st_save(packer.tensors, metadata={HEADER_KEY: json.dumps(header)})
     if not path.parent.is_dir():
         raise SleepzooError(f"memory file {str(path)!r}: the folder {str(path.parent)!r} does not exist")
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, data)
     return path
 
 

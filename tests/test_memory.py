@@ -121,7 +121,7 @@ def test_writes_are_atomic_and_describe_reports_the_contents(tmp_path, monkeypat
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("sleepzoo.memory.os.fsync", fail)
+    monkeypatch.setattr("sleepzoo.checkpoint.os.fsync", fail)
     with pytest.raises(OSError):
         save_stream(stream, path)
     assert path.read_bytes() == before  # the old memory is intact, no temporary left behind
