@@ -455,6 +455,7 @@ def save_checkpoint(root: str | Path, step: int, *, model: nn.Module, optimizers
             "schedulers": [s.state_dict() for s in schedulers],
             "rng": rng_meta,
             "trainer": trainer_state,
+            "manifest": True,  # a manifest.json goes with it: one missing later is damage, not an old format
         })
         _write_json(tmp / MANIFEST, {"format": FORMAT_VERSION, "files": {
             f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}})
@@ -496,6 +497,12 @@ def _check_digests(path: Path, names: Sequence[str] | None = None) -> None:
     (no manifest: nothing to check)."""
     manifest = path / MANIFEST
     if not manifest.exists():
+        try:
+            expected = json.loads((path / _MARKER).read_text()).get("manifest") is True
+        except (OSError, ValueError, AttributeError):
+            expected = False  # state.json's own damage is reported when it is read
+        if expected:
+            raise _damaged(path, f"{MANIFEST} is missing (its {_MARKER} was written with one)")
         return  # written before checkpoints had manifests
     try:
         files = json.loads(manifest.read_text())["files"]

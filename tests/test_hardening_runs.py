@@ -214,7 +214,11 @@ def flip_a_byte(path: Path) -> None:
 
 
 def old_format(ckpt: Path) -> Path:
-    (ckpt / "manifest.json").unlink()  # as sleepzoo wrote checkpoints before manifests
+    """As sleepzoo wrote checkpoints before manifests: no manifest.json, and no mention of one in state.json."""
+    (ckpt / "manifest.json").unlink()
+    state = json.loads((ckpt / "state.json").read_text())
+    state.pop("manifest")
+    (ckpt / "state.json").write_text(json.dumps(state))
     return ckpt
 
 
@@ -227,6 +231,7 @@ DAMAGE = {
     "digest mismatch": (lambda c: flip_a_byte(c / "model.safetensors"),
                         "model.safetensors does not match its sha256 digest"),
     "garbage manifest.json": (lambda c: (c / "manifest.json").write_text("\x00"), "manifest.json is not a valid"),
+    "deleted manifest.json": (lambda c: (c / "manifest.json").unlink(), "manifest.json is missing"),
     # checkpoints without a manifest are checked by everything else
     "old format, garbage state.json": (lambda c: (old_format(c) / "state.json").write_text("[]"),
                                        "state.json holds no checkpoint state"),
