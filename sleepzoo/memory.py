@@ -216,8 +216,7 @@ def load_stream(model: torch.nn.Module, path: str | Path, **settings: Any) -> An
                  if saved_settings[k] != v]
     if problems:
         raise SleepzooError(f"memory file {source!r} does not fit this stream: {'; '.join(problems)}")
-    kwargs = {k: v for k, v in saved_settings.items()}
-    stream = Stream(model, **kwargs)
+    stream = Stream(model, **saved_settings)
     try:
         device = next(model.parameters()).device
     except StopIteration:

@@ -45,14 +45,15 @@ def load_eval(run_dir: str | Path, name: str = "eval.json") -> dict[str, Any]:
     if not path.is_file():
         raise SleepzooError(f"{str(path)!r} does not exist: the run has not finished; "
                             f"`sleepzoo eval {run_dir}` evaluates its newest checkpoint")
-    row, why = _read_row(path)
+    row, why = read_row(path)
     if row is None:
         raise SleepzooError(f"{str(path)!r} is damaged ({why}); `sleepzoo eval {run_dir}` writes it again")
     return {"run": str(run_dir), **row}
 
 
-def _read_row(path: Path) -> tuple[dict[str, Any] | None, str]:
-    """An evaluation row from a JSON file, or None and why it is not one."""
+def read_row(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """An evaluation row from a JSON file (``eval.json``), or None and why it is not one: the one lenient
+    reader of evaluation files (compare, the trainer's resume of a finished run, eval, sweep's plan)."""
     try:
         row = json.loads(path.read_text())
     except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
@@ -378,7 +379,7 @@ def load_result(run_dir: str | Path, note: Callable[[str], None] | None = None) 
     candidates: list[tuple[int, str, dict]] = []
     final = run / "eval.json"
     if final.is_file():
-        row, why = _read_row(final)
+        row, why = read_row(final)
         if row is None:
             note(f"note: {final} is damaged ({why}); {run} counts with its newest evaluation in metrics.jsonl, "
                  f"if any (`sleepzoo eval {run}` writes eval.json again)")

@@ -22,7 +22,6 @@ others.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import shlex
@@ -37,6 +36,7 @@ from typing import Any, Callable, Sequence
 from .checkpoint import latest_checkpoint
 from .config import Recipe, RecipeError, load_recipe
 from .registry import SleepzooError
+from .report import read_row
 from .runlock import LOCK_NAME, RunLock, lock_holder  # noqa: F401  (RunLock: part of this module's API)
 from .train import recipe_diff, train
 
@@ -147,11 +147,9 @@ class SweepPlan:
                 "runs": [r.as_dict() for r in self.runs]}
 
 
-def _eval_step(out: Path) -> int | None:
-    try:
-        return int(json.loads((out / "eval.json").read_text()).get("step"))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
+def _eval_step(out: Path) -> Any:
+    row, _ = read_row(out / "eval.json")
+    return None if row is None else row.get("step")
 
 
 def _classify(run: SweepRun, recipe_path: str, jobs: int) -> None:

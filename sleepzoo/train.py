@@ -80,7 +80,7 @@ from .config import Recipe, RecipeError, TrainConfig, load_recipe
 from .engine import IGNORE_INDEX
 from .pretrained import MODEL_TYPES, keep_model_files, load_run_model, run_recipe
 from .registry import SleepzooError
-from .report import HEADLINE, format_value
+from .report import HEADLINE, format_value, read_row
 from .runlock import RunBusy, RunLock
 
 MUON_MOMENTUM = 0.95  # Keller Jordan's default, also torch's
@@ -586,13 +586,9 @@ def _finished_result(path: Path, step: int, main: bool) -> dict | None:
     step or damaged (noted on rank 0): the run then evaluates again."""
     if not path.is_file():
         return None
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        result = exc
-    if not isinstance(result, dict):
+    result, why = read_row(path)
+    if result is None:
         if main:
-            why = result if isinstance(result, Exception) else f"a JSON {type(result).__name__}, not an evaluation"
             print(f"note: {path} is damaged ({why}); evaluating the finished run again", flush=True)
         return None
     return result if result.get("step") == step else None
@@ -1124,11 +1120,8 @@ def evaluate_run(run_dir: str | Path, *, num_examples: int | None = None, loops:
         own = loops_used == own_sleep.loops and window_used == own_sleep.window
         path = Path(run_dir) / ("eval.json" if own else f"eval-loops{loops_used}-window{window_used}.json")
         if own and path.is_file():  # keep the training time the trainer recorded (a damaged file has none)
-            try:
-                previous = json.loads(path.read_text())
-            except (OSError, ValueError):
-                previous = None
-            if not isinstance(previous, dict):
+            previous, _ = read_row(path)
+            if previous is None:
                 print(f"note: {path} was damaged; written again (without the training time it held)", flush=True)
             elif "train_time_s" in previous:
                 result["train_time_s"] = previous["train_time_s"]

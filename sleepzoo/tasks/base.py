@@ -21,6 +21,7 @@ and :meth:`~Task._build` (contents -> tensors), and may override :meth:`~Task._s
 
 from __future__ import annotations
 
+import functools
 import inspect
 import numbers
 import os
@@ -94,9 +95,10 @@ def _check_int(owner: str, name: str, value: Any, minimum: int | None = None, ma
 MEMORY_FRACTION = 0.5
 
 
+@functools.lru_cache(maxsize=None)
 def machine_memory() -> int | None:
     """Bytes of memory this process can use: the physical memory, or a smaller cgroup (container) limit;
-    None where neither can be read."""
+    None where neither can be read. Read once per process: every generated batch checks against it."""
     total = None
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
