@@ -9,7 +9,8 @@ one value per label) and optionally ``train_time_s`` and ``run`` (its directory)
     plot_accuracy(rows, "runs/demo/demo.png", key="loops")
 
 One evaluation with per-bucket metrics (``row["buckets"][name][value] = {loss, token_accuracy, ...}``):
-:func:`buckets_table`, :func:`plot_eval`. Many runs, grouped by a recipe setting and aggregated over seeds:
+:func:`buckets_table`, :func:`plot_eval`; loss against position for several ``task: text`` evaluations (one line
+per N): :func:`plot_loss_by_position`. Many runs, grouped by a recipe setting and aggregated over seeds:
 
     results = [load_result(d) for d in find_runs(["runs/repro/rule110-loops"])]
     comparison = compare_runs(results, key="sleep.loops", metric="exact_accuracy")
@@ -292,6 +293,54 @@ def plot_eval(result: dict[str, Any], path: str | Path, *, title: str | None = N
         loss_ax.bar([0], [loss], color="tab:red")
     loss_ax.set_xticks([0], ["loss"])
     fig.suptitle(title or "evaluation")
+    return _save(fig, path)
+
+
+def plot_loss_by_position(curves: dict[str, dict[str, Any]], path: str | Path, *,
+                          title: str | None = None) -> Path:
+    """Loss against position, one line per label (e.g. ``{"N=1": row, "N=4": row}``), saved to ``path``.
+
+    Each value is an evaluation row of ``task: text`` (``row["buckets"]["position"]``: ``{start: {loss,
+    start, end, ...}}``, plotted at the bucket's centre; ``row["buckets"]["window"]``, when present, adds a
+    second panel of loss against window index and dotted lines at the window boundaries of the first label).
+    A row without position buckets raises SleepzooError naming its label.
+    """
+    if not curves:
+        raise SleepzooError("plot_loss_by_position: no curves to plot (give {label: evaluation row})")
+    for label, row in curves.items():
+        if not isinstance(row, dict) or not (row.get("buckets") or {}).get("position"):
+            raise SleepzooError(f"plot_loss_by_position: {label!r} has no loss by position "
+                                f"(row['buckets']['position'], which task: text evaluations have)")
+    with_windows = any((row.get("buckets") or {}).get("window") for row in curves.values())
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2 if with_windows else 1, figsize=(11 if with_windows else 6.5, 3.8),
+                             squeeze=False, gridspec_kw={"width_ratios": [2, 1]} if with_windows else None)
+    ax = axes[0][0]
+    for label, row in curves.items():
+        per = row["buckets"]["position"]
+        keys = sorted_bucket_values(per)
+        xs = [(per[k].get("start", float(k)) + per[k].get("end", float(k) + 1)) / 2 for k in keys]
+        ax.plot(xs, [per[k].get("loss", float("nan")) for k in keys], marker=".", label=str(label))
+    first = next(iter(curves.values()))["buckets"].get("window") or {}
+    for k in sorted_bucket_values(first)[1:]:  # where each window after the first starts: an eviction
+        ax.axvline(first[k].get("start", 0), color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("position (tokens; dotted: window starts after an eviction)" if first else "position (tokens)")
+    ax.set_ylabel("loss (test, nats/token)")
+    ax.legend(fontsize="small", loc="best")
+    if with_windows:
+        wax = axes[0][1]
+        indices: set[int] = set()
+        for label, row in curves.items():
+            per = (row.get("buckets") or {}).get("window") or {}
+            keys = sorted_bucket_values(per)
+            indices.update(int(float(k)) for k in keys)
+            wax.plot([int(float(k)) for k in keys], [per[k].get("loss", float("nan")) for k in keys],
+                     marker="o", label=str(label))
+        wax.set_xticks(sorted(indices))
+        wax.set_xlabel("window index")
+        wax.set_ylabel("loss (test)")
+        wax.legend(fontsize="small", loc="best")
+    fig.suptitle(title or "loss by position")
     return _save(fig, path)
 
 

@@ -1,4 +1,4 @@
-"""Tokenizers for text tasks (GSM-Infinite): a pretrained model's ``tokenizer.json``, or a built-in word level.
+"""Tokenizers for text tasks: a pretrained model's ``tokenizer.json``, a built-in word level, or bytes.
 
 Text tasks produce strings; the tokens, and so the lengths that the tasks control, come from the tokenizer in
 use. :func:`load_tokenizer` turns a task's ``tokenizer`` option into a :class:`Tokenizer`:
@@ -6,12 +6,16 @@ use. :func:`load_tokenizer` turns a task's ``tokenizer`` option into a :class:`T
 * ``"builtin"`` (from-scratch models): :class:`WordTokenizer`, a small deterministic word-level vocabulary
   that the task supplies (``words``): every word, number and punctuation mark is one token. Ids 0 and 1 are
   ``<pad>`` and ``<unk>``, then the words in the order given (duplicates dropped).
+* ``"byte"`` (from-scratch models on arbitrary text: ``task: text``, ``task: passkey``): :class:`ByteTokenizer`,
+  the UTF-8 bytes of the text. Ids 0 and 1 are ``<pad>`` and ``<eos>`` (the end-of-document separator),
+  byte ``b`` is id ``b + 2``: 258 ids. Every string round-trips: ``decode(encode(s)) == s``.
 * a path: :class:`JsonTokenizer`, a ``tokenizer.json`` of the `tokenizers` library (Hugging Face format),
   loaded with ``tokenizers.Tokenizer.from_file``; a directory is taken to hold ``tokenizer.json``. No special
   tokens (BOS/EOS) are added when encoding: tasks add what they need.
 
 Every tokenizer has ``encode(str) -> list[int]``, ``encode_batch(list[str]) -> list[list[int]]``,
-``decode(ids) -> str``, ``vocab`` (token strings, index = id), ``vocab_size`` and ``pad_id``.
+``decode(ids) -> str``, ``vocab`` (token strings, index = id), ``vocab_size``, ``pad_id`` and ``eos_id`` (the
+end-of-document token, None where the tokenizer has none).
 
 Example::
 
@@ -29,16 +33,21 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 from sleepzoo.registry import SleepzooError
 
 BUILTIN = "builtin"
-PAD, UNK = "<pad>", "<unk>"
+BYTE = "byte"
+PAD, UNK, EOS = "<pad>", "<unk>", "<eos>"
 #: How :class:`WordTokenizer` splits text: runs of letters/digits/underscores, or one other non-space char.
 WORD_PATTERN = re.compile(r"\w+|[^\w\s]")
 #: Marks written without a space before them when :class:`WordTokenizer` decodes.
 _ATTACH_LEFT = frozenset(".,?!:;)")
 #: Tokens tried, in order, as the padding token of a ``tokenizer.json`` that sets no padding.
 PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<unk>")
+#: Tokens tried, in order, as the end-of-document token of a ``tokenizer.json``.
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>", "[SEP]")
 
 
 class Tokenizer:
@@ -68,6 +77,11 @@ class Tokenizer:
     @property
     def pad_id(self) -> int:
         raise NotImplementedError
+
+    @property
+    def eos_id(self) -> int | None:
+        """The end-of-document token (None: the tokenizer has none)."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r}, vocab_size={self.vocab_size})"
@@ -155,6 +169,7 @@ class JsonTokenizer(Tokenizer):
             vocab[i] = token
         self._vocab = vocab
         self._pad_id = self._find_pad(table)
+        self._eos_id = next((int(table[t]) for t in EOS_CANDIDATES if t in table), None)
 
     def _find_pad(self, table: dict[str, int]) -> int:
         padding = self._tok.padding
@@ -186,15 +201,76 @@ class JsonTokenizer(Tokenizer):
     def pad_id(self) -> int:
         return self._pad_id
 
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes: ``<pad>`` = 0, ``<eos>`` = 1, byte ``b`` = ``b + 2`` (258 ids; see the module docstring).
+
+    ``decode`` turns byte ids back into text (a byte sequence cut inside a multi-byte character decodes to
+    U+FFFD there) and writes ``<pad>`` / ``<eos>`` for the two special ids; ids past the vocabulary show as
+    ``<unk:ID>``. :attr:`vocab` names printable ASCII bytes by their character (space as ``▁``) and the
+    others ``<0xNN>``.
+    """
+
+    #: Ids before the first byte.
+    SPECIALS = (PAD, EOS)
+    OFFSET = len(SPECIALS)
+
+    def __init__(self) -> None:
+        self.spec = BYTE
+        names = [chr(b) if 0x21 <= b <= 0x7E else "\u2581" if b == 0x20 else f"<0x{b:02X}>" for b in range(256)]
+        self._vocab = [*self.SPECIALS, *names]
+
+    def encode(self, text: str) -> list[int]:
+        return (np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) + self.OFFSET).tolist()
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out: list[str] = []
+        run = bytearray()
+        for i in ids:
+            i = int(i)
+            if self.OFFSET <= i < self.OFFSET + 256:
+                run.append(i - self.OFFSET)
+                continue
+            if run:
+                out.append(run.decode("utf-8", errors="replace"))
+                run = bytearray()
+            out.append(self.SPECIALS[i] if 0 <= i < self.OFFSET else f"<unk:{i}>")
+        if run:
+            out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    @property
+    def vocab(self) -> list[str]:
+        return list(self._vocab)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    @property
+    def eos_id(self) -> int:
+        return 1
+
 
 def load_tokenizer(spec: str, words: Sequence[str] | None = None) -> Tokenizer:
-    """``"builtin"`` -> :class:`WordTokenizer` over ``words``; a path -> :class:`JsonTokenizer`.
+    """``"builtin"`` -> :class:`WordTokenizer` over ``words``; ``"byte"`` -> :class:`ByteTokenizer`; a path
+    -> :class:`JsonTokenizer`.
 
     A path may name the ``tokenizer.json`` file or a directory holding one (a model directory). ``~`` is
     expanded. A path that does not exist raises :class:`~sleepzoo.registry.SleepzooError` naming it.
     """
     if not isinstance(spec, str) or not spec:
-        raise SleepzooError(f"tokenizer: expected 'builtin' or the path of a tokenizer.json, got {spec!r}")
+        raise SleepzooError(f"tokenizer: expected 'builtin', 'byte' or the path of a tokenizer.json, got {spec!r}")
+    if spec == BYTE:
+        return ByteTokenizer()
     if spec == BUILTIN:
         if words is None:
             raise SleepzooError("tokenizer: the builtin tokenizer is a word-level vocabulary that the task "
@@ -205,10 +281,12 @@ def load_tokenizer(spec: str, words: Sequence[str] | None = None) -> Tokenizer:
         path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(path):
         raise SleepzooError(f"tokenizer: {path!r} does not exist; give the path of a tokenizer.json (or of a "
-                            f"directory holding one), or 'builtin' for the task's own word-level vocabulary")
+                            f"directory holding one), 'byte' for UTF-8 bytes, or 'builtin' for the task's own "
+                            f"word-level vocabulary (where the task has one)")
     return JsonTokenizer(path)
 
 
 def describe_tokenizer(tok: Any) -> dict[str, Any]:
     """JSON-ready summary for run metadata."""
-    return {"class": type(tok).__name__, "spec": tok.spec, "vocab_size": tok.vocab_size, "pad_id": tok.pad_id}
+    return {"class": type(tok).__name__, "spec": tok.spec, "vocab_size": tok.vocab_size, "pad_id": tok.pad_id,
+            "eos_id": tok.eos_id}

@@ -236,7 +236,8 @@ class Task:
         ``predictions`` is the argmax token at every target position (LongTensor ``[n, T]``, on the CPU; -1 where
         a sleepzoo model computed no logits because there is no target) and
         ``data`` the whole generated test split (``input_ids``, ``targets`` and any extras from
-        :meth:`_build`). The base class adds nothing.
+        :meth:`_build`) plus ``token_loss``: each target token's cross-entropy (float32 ``[n, T]``, 0 where
+        there is no target), for metrics by position. The base class adds nothing.
         """
         return {}
 
@@ -380,7 +381,7 @@ class Task:
         data = self.generate(n, seed, "test")
         ids_all, tg_all = data["input_ids"], data["targets"]
         predictions = torch.empty_like(ids_all)
-        example_loss = torch.zeros(n, dtype=torch.float64)  # summed CE over each example's targets
+        token_loss = torch.zeros(ids_all.shape, dtype=torch.float32)  # CE at each target, 0 elsewhere
         was_training = model.training
         model.eval()
         try:
@@ -393,9 +394,8 @@ class Task:
                         out = model(ids, tg, window=window, loops=loops, return_logits="targets")
                         rows, cols = out.target_positions[:, 0].cpu(), out.target_positions[:, 1].cpu()
                         ce = F.cross_entropy(out.logits.float(), tg[rows.to(tg.device), cols.to(tg.device)],
-                                             reduction="none").double().cpu()
-                        example_loss[start:start + bs] = torch.zeros(ids.shape[0], dtype=torch.float64).index_add_(
-                            0, rows, ce)
+                                             reduction="none").cpu()
+                        token_loss[start + rows, cols] = ce
                         pred = torch.full(ids.shape, -1, dtype=predictions.dtype)  # -1: no target, no prediction
                         pred[rows, cols] = out.logits.argmax(dim=-1).cpu()
                         predictions[start:start + bs] = pred
@@ -408,10 +408,11 @@ class Task:
                     # float32 for the loss: bf16 log-softmax over a large vocab is too coarse to compare runs.
                     ce = F.cross_entropy(logits.float().flatten(0, 1), tg.flatten(), ignore_index=IGNORE_INDEX,
                                          reduction="none").view(tg.shape)  # (B, T), 0 where no target
-                    example_loss[start:start + bs] = ce.double().sum(dim=1).cpu()
+                    token_loss[start:start + bs] = ce.cpu()
                     predictions[start:start + bs] = logits.argmax(dim=-1).cpu()
         finally:
             model.train(was_training)
+        example_loss = token_loss.double().sum(dim=1)  # summed CE over each example's targets
         mask = tg_all != IGNORE_INDEX
         correct = (predictions == tg_all) & mask
         result = _scores(example_loss, correct, mask)
@@ -420,5 +421,5 @@ class Task:
             result.setdefault("buckets", {})[name] = {
                 str(int(v)): _scores(example_loss[values == v], correct[values == v], mask[values == v])
                 for v in torch.unique(values).tolist()}
-        result.update(self._extra_metrics(predictions, data))
+        result.update(self._extra_metrics(predictions, {**data, "token_loss": token_loss}))
         return result
