@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from .config import LOGGERS, Recipe, RecipeError
+from .config import Recipe, RecipeError
 
 # name -> (the module it needs, the extra that installs it)
 OPTIONAL = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
