@@ -33,8 +33,7 @@ def worker(loops: int, batch: int, distinct: int) -> None:
 
     import sleepzoo
     from sleepzoo.config import load_recipe
-    from sleepzoo.optim import build_optimizers
-    from sleepzoo.train import batch_seed, build
+    from sleepzoo.train import batch_seed, build, build_optimizers
 
     torch.set_num_threads(1)
     recipe = load_recipe(str(RECIPE), [f"sleep.loops={loops}", f"train.batch_size={batch}"])

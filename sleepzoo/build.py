@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from . import registry
-from .config import Recipe, RecipeError, check_kwargs, check_mixer_options
+from .config import (ModelConfig, Recipe, RecipeError, SleepConfig, check_kwargs, check_mixer_options,
+                     check_model_options, takes_section)
 from .registry import SleepzooError
 from .tasks.base import check_memory
 
@@ -87,6 +88,16 @@ def check_mixers(recipe: Recipe) -> None:
         check_mixer_options(registry.get("mixer", name), options, f"{where}: model.mixers.{name}")
 
 
+def call_builder(builder: Any, config: ModelConfig, *, vocab_size: int | None, sleep: SleepConfig | None,
+                 where: str) -> Any:
+    """``builder`` (a registered ``model``) called with the model section's fields its signature takes
+    (:func:`sleepzoo.config.check_model_options`: a field it does not take is a RecipeError), or with the
+    section whole when it takes it as its one positional argument (:func:`sleepzoo.config.takes_section`)."""
+    if takes_section(builder):
+        return builder(config, vocab_size=vocab_size, sleep=sleep)
+    return builder(**check_model_options(builder, config, where), vocab_size=vocab_size, sleep=sleep)
+
+
 def _meta_model(recipe: Recipe, builder: Any, vocab_size: int) -> Any:
     """The recipe's model built on the meta device (no memory; the random state left as it was), or None
     when it can not be built there. Only its size is used: any failure of the probe, a SleepzooError too,
@@ -94,7 +105,7 @@ def _meta_model(recipe: Recipe, builder: Any, vocab_size: int) -> Any:
     real load's, e.g. whether a pretrained folder's sleep gate is built, and must never refuse a valid run)."""
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            return builder(recipe.model, vocab_size=vocab_size, sleep=recipe.sleep)
+            return call_builder(builder, recipe.model, vocab_size=vocab_size, sleep=recipe.sleep, where=recipe.source)
     except Exception:  # noqa: BLE001
         return None
 
@@ -120,10 +131,12 @@ def build_model(recipe: Recipe, *, vocab_size: int | None = None) -> Any:
     builder = registry.get("model", recipe.model.name)
     on_meta = torch.get_default_device().type == "meta"
     try:
+        if not takes_section(builder):  # a field the model does not take fails before anything is built
+            check_model_options(builder, recipe.model, recipe.source)
         probe = None if on_meta else _meta_model(recipe, builder, vocab_size)
         if probe is not None:  # weights that can not fit are refused before they are allocated
             check_model_size(recipe, probe)
-        model = builder(recipe.model, vocab_size=vocab_size, sleep=recipe.sleep)
+        model = call_builder(builder, recipe.model, vocab_size=vocab_size, sleep=recipe.sleep, where=recipe.source)
         if on_meta:
             check_model_size(recipe, model)
     except RecipeError as exc:  # builders check their options without knowing the file: name it here

@@ -256,7 +256,7 @@ def convert_command(src: str, dst: str, dtype: str | None, max_shard_size: str |
     settings recorded under config.json's "sleepzoo" key) or a Hugging Face folder (re-saved, e.g. with
     --dtype bfloat16 or --max-shard-size). Tokenizer and licence files are copied along. See docs/pretrained.md.
     """
-    from .pretrained import convert
+    from .convert import convert
 
     summary = convert(src, dst, dtype=dtype, max_shard_size=max_shard_size, force=force)
     what = (f"run {src} (weights {summary['weights']}, step {summary['step']})" if summary["source"] == "run"

@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from . import rules
 from .registry import SleepzooError
 
 
@@ -138,11 +139,6 @@ class TrainConfig:
     # Mixed precision of the training forward pass: "none" (float32), "bf16" (torch.autocast to bfloat16,
     # CPU or CUDA) or "fp16" (float16 autocast with a GradScaler, CUDA only). The loss stays float32.
     autocast: str = "none"
-    # Where metrics go (see sleepzoo.loggers): metrics.jsonl always (the source of truth for resume and
-    # compare, so "jsonl" is implied), plus "tensorboard" (RUN_DIR/tensorboard/) and "wandb" (RUN_DIR/wandb/,
-    # offline without an API key or a network), each an optional package. Rank 0 logs.
-    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
-    wandb_project: str | None = None  # the W&B project; null: $WANDB_PROJECT, else "sleepzoo"
 
 
 @dataclass
@@ -180,11 +176,10 @@ class StageConfig:
 # Train settings that belong to the run, not to a stage: the data order and model init (seed), the step
 # count (a stage has its own), and bookkeeping that indexes global steps.
 RUN_WIDE_TRAIN = ("steps", "seed", "log_every", "checkpoint_every", "keep_checkpoints", "device", "threads",
-                  "parallel", "autocast", "loggers", "wandb_project")
+                  "parallel", "autocast")
 STAGE_KEYS = ("name", "steps", "sleep", "train")
 PARALLEL = ("ddp", "fsdp")  # train.parallel
 AUTOCAST = ("none", "bf16", "fp16")  # train.autocast
-LOGGERS = ("jsonl", "tensorboard", "wandb")  # train.loggers
 
 
 @dataclass
@@ -535,6 +530,42 @@ def check_bounds(section: str, settings: Any, where: str) -> None:
             if not bound.allows(x):
                 name = f"{section}.{f.name}" + ("" if i is None else f"[{i}]")
                 raise RecipeError(f"{where}: {name}: {_short(x)} is not allowed; {bound}")
+# Fields of the model section that every builder receives in its own way: ``name`` chooses the builder, and
+# ``vocab_size`` (the recipe's, else the task's) reaches it as its ``vocab_size`` argument.
+MODEL_WIDE = ("name", "vocab_size")
+BUILDER_ARGS = ("vocab_size", "sleep")  # what sleepzoo.build passes to every model builder besides the fields
+
+
+def takes_section(builder: Any) -> bool:
+    """Whether a model builder takes the model section whole, as its one positional argument
+    (``builder(config, *, vocab_size, sleep)``: a plugin's builder may), rather than field by field."""
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in inspect.signature(builder).parameters.values())
+
+
+def builder_fields(builder: Any) -> list[str]:
+    """The ModelConfig fields a model builder takes: its keyword-only parameters, less :data:`BUILDER_ARGS`
+    (every field when it takes ``**kwargs`` or the section whole)."""
+    params = inspect.signature(builder).parameters.values()
+    if takes_section(builder) or any(p.kind == p.VAR_KEYWORD for p in params):
+        return [f.name for f in dataclasses.fields(ModelConfig) if f.name not in MODEL_WIDE]
+    return [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name not in BUILDER_ARGS]
+
+
+def check_model_options(builder: Any, config: ModelConfig, where: str) -> dict[str, Any]:
+    """The model section's fields as ``builder``'s keyword arguments (:func:`builder_fields`). A field the
+    builder does not take must keep its default (a recipe written out in full holds every field): one set to
+    anything else is an error naming the field, the model and the fields that model takes."""
+    takes = builder_fields(builder)
+    default = ModelConfig()
+    for f in dataclasses.fields(ModelConfig):
+        value = getattr(config, f.name)
+        if f.name not in MODEL_WIDE and f.name not in takes and value != getattr(default, f.name):
+            raise RecipeError(f"{where}: model.{f.name}: {_short(value)} is not allowed; model {config.name!r} does "
+                              f"not take {f.name} (it takes {', '.join(takes)}, and vocab_size); remove it")
+    return {name: getattr(config, name) for name in takes if hasattr(config, name)}
+
+
 
 
 def _is_device(name: str) -> bool:
@@ -556,10 +587,8 @@ def _check_values(r: Recipe, where: str) -> None:
     for section in SECTIONS:
         if section != "task":
             check_bounds(section, getattr(r, section), where)
-    need(r.sleep.sleep_every is None or r.sleep.sleep_every <= r.sleep.window, "sleep.sleep_every",
-         r.sleep.sleep_every, f"must be in [1, sleep.window = {r.sleep.window}] (null: sleep every window)")
-    need(r.sleep.sleep_every in (None, r.sleep.window) or r.sleep.eviction != "full_flush", "sleep.sleep_every",
-         r.sleep.sleep_every, "full_flush sleeps on whole windows; use eviction: sliding_window to sleep more often")
+    _check_rule(lambda: rules.check_sleep_every(r.sleep.window, r.sleep.sleep_every, r.sleep.eviction),
+                "sleep", where)
     need(r.sleep.coda in ("sleep", "wake"), "sleep.coda", r.sleep.coda,
          "choose sleep (the coda runs after the last sleep pass, SPEC 1) or wake (it sees only the wake pass)")
     need(len(r.model.layers) >= 1, "model.layers", r.model.layers, "give at least one mixer name")
@@ -567,11 +596,6 @@ def _check_values(r: Recipe, where: str) -> None:
     need(_is_device(r.train.device), "train.device", r.train.device, "give a torch device: cpu, cuda, cuda:N, ...")
     need(r.train.parallel in PARALLEL, "train.parallel", r.train.parallel, f"allowed: {', '.join(PARALLEL)}")
     need(r.train.autocast in AUTOCAST, "train.autocast", r.train.autocast, f"allowed: {', '.join(AUTOCAST)}")
-    for name in r.train.loggers:
-        close = difflib.get_close_matches(str(name), LOGGERS, n=1, cutoff=0.6)
-        need(name in LOGGERS, "train.loggers", name, (f"did you mean {close[0]!r}? " if close else "")
-             + f"allowed: {', '.join(LOGGERS)} (metrics.jsonl is written either way)")
-    need(len(set(r.train.loggers)) == len(r.train.loggers), "train.loggers", r.train.loggers, "list each logger once")
     need(len(r.train.betas) == 2, "train.betas", r.train.betas, "give two numbers, e.g. [0.9, 0.95]")
     need(r.train.trainable is None or len(r.train.trainable) >= 1, "train.trainable", r.train.trainable,
          "give at least one pattern (null trains every parameter)")
@@ -587,8 +611,17 @@ def _check_values(r: Recipe, where: str) -> None:
     # The upper bound (the number of blocks) is the model builder's to check: a pretrained model's depth
     # comes from its config.json, not from model.layers.
     lo, hi = r.model.loop_start, r.model.loop_end
-    need(lo is None or hi is None or lo < hi, "model.loop_start/loop_end", [lo, hi],
-         "need 0 <= loop_start < loop_end <= the number of blocks")
+    if lo is not None and hi is not None:
+        _check_rule(lambda: rules.check_loop_range(lo, hi), "model", where)
+
+
+def _check_rule(check: Any, section: str, where: str) -> None:
+    """Run a :mod:`sleepzoo.rules` check; its RuleError becomes a RecipeError naming the recipe's field."""
+    try:
+        check()
+    except rules.RuleError as exc:
+        raise RecipeError(f"{where}: {section}.{exc.field}: {_short(exc.value)} is not allowed; {exc.allowed}") \
+            from None
 
 
 def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:

@@ -66,10 +66,10 @@ def window_bounds(seq_len: int, chunk: int) -> list[tuple[int, int]]:
 
 
 def check_sleep_args(window: Any, loops: Any) -> None:
-    for name, value, hint in (("window", window, "tokens per attention window"),
-                              ("loops", loops, "passes per window; 1 = no sleep")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SleepzooError(f"{name}={value!r} is invalid: it must be an integer >= 1 ({hint})")
+    """``window`` and ``loops`` are integers >= 1 (:func:`sleepzoo.rules.check_window`)."""
+    from .rules import check_window
+
+    check_window(window, loops)
 
 
 def check_stabilisers(model: Any, gate: Any, pass_norm: Any, truncate: Any, coda: Any = "sleep") -> dict:

@@ -15,15 +15,16 @@ from torch import nn
 
 from .mixers import MixerState, evict_state
 from .registry import SleepzooError
+from .rules import RuleError, check_count, check_sleep_every
 
 
 def _check(name: str, window: int, sleep_every: int | None) -> None:
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise SleepzooError(f"{name}: window={window!r} must be an integer >= 1")
-    if sleep_every is not None and (isinstance(sleep_every, bool) or not isinstance(sleep_every, int)
-                                    or not 1 <= sleep_every <= window):
-        raise SleepzooError(f"{name}: sleep_every={sleep_every!r} must be an integer in [1, window={window}] "
-                            f"(the model sleeps at the latest when its window is full)")
+    """The policy's window and sleep_every (:mod:`sleepzoo.rules`); an error names the policy."""
+    try:
+        check_count("window", window, "tokens per attention window")
+        check_sleep_every(window, sleep_every, name)
+    except RuleError as exc:
+        raise SleepzooError(f"{name}: {exc}") from None
 
 
 class FullFlush:
@@ -38,9 +39,6 @@ class FullFlush:
 
     def __init__(self, window: int, sleep_every: int | None = None):
         _check("full_flush", window, sleep_every)
-        if sleep_every not in (None, window):
-            raise SleepzooError(f"full_flush: sleep_every={sleep_every} but full_flush sleeps on whole windows; "
-                                f"leave sleep_every unset (= window {window}) or use eviction: sliding_window")
         self.window = self.chunk = window
 
     def evict(self, states: Sequence[MixerState], mixers: Sequence[nn.Module]) -> list[MixerState]:

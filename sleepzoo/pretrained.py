@@ -6,8 +6,8 @@
     model = sleepzoo.from_pretrained("~/models/Ouro-1.4B", wake_passes=1, sleep_layers=[3, 7, 11, 15, 19, 23])
     with torch.device("meta"):
         model = sleepzoo.from_config("shared/reference/ouro-1.4b.config.json")   # shapes only, no memory
-    save_pretrained(model, "out/", max_shard_size="2GB")                  # config.json + (sharded) safetensors
-    convert("runs/jet-N4", "out/jet-N4")                                   # a run's weights as such a folder
+    save_pretrained(model, "out/", max_shard_size="2GB")      # config.json + sleepzoo.json + (sharded) safetensors
+    sleepzoo.convert.convert("runs/jet-N4", "out/jet-N4")      # a run's weights as such a folder
 
 The folder holds either ``model.safetensors`` or a sharded ``model.safetensors.index.json`` whose
 ``weight_map`` names, for every tensor, the shard file holding it. The model class is chosen by the config's
@@ -25,13 +25,18 @@ Jet-Nemotron ``loop_start`` / ``loop_end`` (the looped blocks, default 7..20 of 
 inserted Jet layer) and ``sleep_layer_options`` (their JetBlock sizes). An unknown name is an error that
 lists the allowed ones.
 
-**config.json's ``sleepzoo`` key.** :func:`save_pretrained` writes the settings of the model that differ from
-the published model's (sleep settings and stabilisers, loop range, wake_passes, inserted sleep layers) under
-``"sleepzoo"``, by their override names; :func:`from_pretrained` applies them before the caller's overrides,
-so a saved model comes back as it was. Folders are written atomically (:func:`replace_folder`). The
-published Jet-Nemotron code ignores the key (Hugging Face configs keep unknown fields). An Ouro with inserted
-sleep layers can not be loaded by the published Ouro code (it has no such layers and would drop their
-weights); its folder has no ``auto_map``, so transformers refuses it.
+**sleepzoo.json.** config.json is Hugging Face's config as published (only ``torch_dtype`` follows the saved
+weights). :func:`save_pretrained` writes the settings of the model that differ from the published model's
+(sleep settings and stabilisers, loop range, wake_passes, inserted sleep layers), by their override names,
+to ``sleepzoo.json`` beside it (no file when there are none); :func:`from_pretrained` and :func:`from_config`
+apply them before the caller's overrides, so a saved model comes back as it was. Folders written before
+sleepzoo.json existed kept these settings under config.json's ``"sleepzoo"`` key; they load as they always
+did. A folder with both: sleepzoo.json wins, the key is ignored. Folders are written atomically
+(:func:`replace_folder`). An Ouro with inserted sleep layers can not be loaded by the published Ouro code (it
+has no such layers and would drop their weights); its config.json has no ``auto_map``, so transformers
+refuses it.
+
+Runs <-> folders (``convert``, a run's model without its pretrained folder) are :mod:`sleepzoo.convert`.
 """
 
 from __future__ import annotations
@@ -55,13 +60,16 @@ from torch import nn
 
 from .checkpoint import (CheckpointError, _fsync_dir, _fsync_file, _listing, _save_tensors, _unique_state_dict,
                          check_weight_names, save_weights)
-from .config import ModelConfig, RecipeError, SleepConfig
+from .config import RecipeError, SleepConfig
 from .models.base import read_config_json
 from .registry import SleepzooError
+from .rules import RuleError, check_sleep_every, check_window
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+SETTINGS_NAME = "sleepzoo.json"  # sleepzoo's own settings, beside config.json (see the module docstring)
+SLEEPZOO_KEY = "sleepzoo"  # where folders written before sleepzoo.json kept them: a key of config.json
 # model_type -> "module:class"; the class has ``from_config(config_dict, *, sleep=None)``. A module that is not
 # in this installation (e.g. Ouro while it is being written) gives a clear error when asked for, no other.
 MODEL_TYPES = {
@@ -87,7 +95,6 @@ def model_class(model_type: Any) -> type:
     return cls
 
 
-SLEEPZOO_KEY = "sleepzoo"  # config.json's key for sleepzoo's own settings (see the module docstring)
 SLEEP_OVERRIDES = ("window", "loops", "eviction", "sleep_every", "checkpoint")  # SleepConfig's fields
 SAVED_SLEEP = ("window", "loops", "eviction", "sleep_every")  # what save_pretrained records (not checkpoint)
 # The sleep stabilisers (SleepConfig; truncate is training only): overrides too, recorded when not the default.
@@ -142,19 +149,13 @@ def published_sleep(config: dict) -> SleepConfig:
 
 def _sleep_config(base: SleepConfig, settings: dict[str, Any], where: str) -> SleepConfig:
     """``base`` with ``settings`` applied (None keeps a setting, except sleep_every where None means every
-    window), checked as a recipe's sleep section is."""
+    window), checked by the rules a recipe's sleep section follows (:mod:`sleepzoo.rules`)."""
     sleep = dataclasses.replace(base, **{k: v for k, v in settings.items() if v is not None or k == "sleep_every"})
-    for name in ("window", "loops"):
-        value = getattr(sleep, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SleepzooError(f"{where}: {name}={value!r} must be an integer >= 1")
-    every = sleep.sleep_every
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= sleep.window):
-        raise SleepzooError(f"{where}: sleep_every={every!r} must be an integer in [1, window={sleep.window}] "
-                            f"(None: every window)")
-    if every not in (None, sleep.window) and sleep.eviction == "full_flush":
-        raise SleepzooError(f"{where}: sleep_every={every} needs eviction='sliding_window' (full_flush sleeps on "
-                            f"whole windows)")
+    try:
+        check_window(sleep.window, sleep.loops)
+        check_sleep_every(sleep.window, sleep.sleep_every, sleep.eviction)
+    except RuleError as exc:
+        raise SleepzooError(f"{where}: {exc}") from None
     for name in ("checkpoint", "gate", "pass_norm"):
         if not isinstance(getattr(sleep, name), bool):
             raise SleepzooError(f"{where}: {name}={getattr(sleep, name)!r} must be true or false")
@@ -165,36 +166,63 @@ def _sleep_config(base: SleepConfig, settings: dict[str, Any], where: str) -> Sl
     return sleep
 
 
-def _stored_settings(config: dict, where: str, sleep: SleepConfig | None) -> dict[str, Any]:
-    """config.json's ``sleepzoo`` settings (popped from ``config``); its sleep settings are left out when the
-    caller gives ``sleep`` (an explicit sleep setting wins over a stored one)."""
-    stored = config.pop(SLEEPZOO_KEY, None) or {}
+def stored_settings(config: dict, path: Path | None) -> tuple[dict[str, Any], str]:
+    """sleepzoo's settings of a config and where they come from: ``sleepzoo.json`` beside ``path`` (a
+    config.json) when there is one, else config.json's ``sleepzoo`` key (a folder written before
+    sleepzoo.json). The key is popped from ``config`` either way: a folder with both takes the file's."""
+    stored = config.pop(SLEEPZOO_KEY, None)
+    where = f"{path or 'config'}: {SLEEPZOO_KEY}"
+    file = path.parent / SETTINGS_NAME if path is not None and path.name == CONFIG_NAME else None
+    if file is not None and file.is_file():
+        where = str(file)
+        try:
+            stored = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SleepzooError(f"{where}: not readable JSON ({exc}); it holds sleepzoo's settings of the model "
+                                f"beside it, a JSON object such as {{\"loops\": 4}}: repair or delete it") from None
+    if stored is None:
+        return {}, where
     if not isinstance(stored, dict):
-        raise SleepzooError(f"{where}: {SLEEPZOO_KEY} must be a mapping of sleepzoo settings, got {stored!r}")
-    if sleep is not None:
-        stored = {k: v for k, v in stored.items() if k not in _SLEEP_NAMES}
-    return stored
+        raise SleepzooError(f"{where}: must be a JSON object of sleepzoo settings (override names such as loops, "
+                            f"window, sleep_layers), got {type(stored).__name__} {stored!r}")
+    return stored, where
 
 
-def _build(config: dict, path: Path | None, *, sleep: SleepConfig | None, settings: dict[str, Any]) -> nn.Module:
-    """The model of ``config`` (its ``sleepzoo`` key already popped) on the current default device, with
-    ``settings`` (sleep and model overrides) applied."""
-    where = str(path) if path is not None else "config"
+def _apply(model: nn.Module, model_type: str, settings: dict[str, Any], where: str) -> nn.Module:
+    """``settings`` (sleep and model overrides, names checked) applied to ``model`` in place."""
+    sleep_settings, model_settings = _split_overrides(model_type, settings, where)
+    if model_settings:
+        model.configure(**model_settings)
+    model.sleep = _sleep_config(model.sleep, sleep_settings, where)
+    return model
+
+
+def _model_type(config: dict, where: str) -> str:
     if "model_type" not in config:
         raise SleepzooError(f"{where}: missing required field model_type (one of {', '.join(sorted(MODEL_TYPES))})")
-    model_type = config["model_type"]
-    cls = model_class(model_type)
-    sleep_settings, model_settings = _split_overrides(model_type, settings, where)
+    return config["model_type"]
+
+
+def _build(config: dict, path: Path | None, *, sleep: SleepConfig | None, stored: dict[str, Any],
+           stored_where: str, overrides: dict[str, Any]) -> nn.Module:
+    """The model of ``config`` (its settings already taken out: :func:`stored_settings`) on the current default
+    device, with the ``stored`` settings and then ``overrides`` applied (an override wins over a stored
+    setting; with ``sleep`` given, the stored sleep settings are left out)."""
+    where = str(path) if path is not None else "config"
+    model_type = _model_type(config, where)
+    base = sleep if sleep is not None else published_sleep(config)
+    if sleep is not None:
+        stored = {k: v for k, v in stored.items() if k not in _SLEEP_NAMES}
+    stored_sleep, _ = _split_overrides(model_type, stored, stored_where)  # a damaged file is named as such
+    _sleep_config(base, stored_sleep, stored_where)
     try:
-        model = cls.from_config(config, sleep=None)
+        model = model_class(model_type).from_config(config, sleep=None)
     except SleepzooError as exc:  # name the file, not "config"
         if path is None:
             raise
         raise SleepzooError(f"{where}: {str(exc).removeprefix('config: ')}") from None
-    if model_settings:
-        model.configure(**model_settings)
-    model.sleep = _sleep_config(sleep if sleep is not None else published_sleep(config), sleep_settings, where)
-    return model
+    model.sleep = base
+    return _apply(model, model_type, {**stored, **overrides}, where)
 
 
 def from_config(config: dict | str | Path, *, sleep: SleepConfig | None = None, **overrides: Any) -> nn.Module:
@@ -202,12 +230,13 @@ def from_config(config: dict | str | Path, *, sleep: SleepConfig | None = None, 
     name of a published config that ships with sleepzoo: :data:`PUBLISHED_CONFIGS`, e.g. ``"ouro-1.4b"``).
 
     ``sleep`` is the base sleep setting (default :func:`published_sleep`); ``overrides`` are sleep settings
-    and the model's own (:func:`allowed_overrides`), applied over the config's ``sleepzoo`` key. Under
+    and the model's own (:func:`allowed_overrides`), applied over the stored ones (the sleepzoo.json beside
+    config.json, or an old folder's ``sleepzoo`` key: :func:`stored_settings`). Under
     ``with torch.device("meta")`` nothing is allocated (shapes and parameter counts only).
     """
     data, path = read_config_json(published_config(config))
-    stored = _stored_settings(data, str(path or "config"), sleep)
-    model = _build(data, path, sleep=sleep, settings={**stored, **overrides})
+    stored, stored_where = stored_settings(data, path)
+    model = _build(data, path, sleep=sleep, stored=stored, stored_where=stored_where, overrides=overrides)
     return _with_gate(model, model.sleep.gate)
 
 
@@ -315,7 +344,7 @@ def from_pretrained(folder: str | Path, *, dtype: Any = None, strict: bool = Tru
         strict: missing and unexpected tensors are errors (mis-shaped ones always are). With ``strict=False``
             a missing tensor keeps its random initialisation.
         sleep: base sleep settings; default the published behaviour (one pass, no eviction within
-            max_position_embeddings tokens), or what config.json's ``sleepzoo`` key records.
+            max_position_embeddings tokens), or what the folder's sleepzoo.json records.
         device: where the weights go (default cpu).
         overrides: sleep settings (``window``, ``loops``, ``eviction``, ``sleep_every``, ``checkpoint``) and the
             model's own (Jet-Nemotron ``loop_start``, ``loop_end``; Ouro ``wake_passes``, ``sleep_layers``,
@@ -329,25 +358,17 @@ def from_pretrained(folder: str | Path, *, dtype: Any = None, strict: bool = Tru
         raise SleepzooError(f"pretrained folder {str(folder)!r} does not exist (a local folder with config.json and "
                             f"safetensors weights, e.g. `{DOWNLOAD['jet_nemotron']}`)")
     config, config_path = read_config_json(folder)
-    stored = _stored_settings(config, str(config_path), sleep)
-    if "model_type" not in config:
-        raise SleepzooError(f"{config_path}: missing required field model_type (one of "
-                            f"{', '.join(sorted(MODEL_TYPES))})")
-    _split_overrides(config["model_type"], {**stored, **overrides}, str(config_path))  # names first, cheaply
+    stored, stored_where = stored_settings(config, config_path)
+    _split_overrides(_model_type(config, str(config_path)), overrides, str(config_path))  # names first, cheaply
     dtype = _resolve_dtype(dtype, config)
     where = weight_files(folder)
     # The architecture the files hold: the config and its stored settings; the caller's overrides come after
     # loading (an Ouro sleep layer they add is not in the files).
     # A saved sleep gate (sleep.gate) is a parameter of its own: built when the files hold one.
-    model = _load(lambda: _with_gate(_build(dict(config), config_path, sleep=sleep, settings=stored),
-                                     "sleep_gate" in where),
+    model = _load(lambda: _with_gate(_build(dict(config), config_path, sleep=sleep, stored=stored,
+                                            stored_where=stored_where, overrides={}), "sleep_gate" in where),
                   where, dtype=dtype, strict=strict, device=device, source=f"weights in {str(folder)!r}")
-    if overrides:
-        _, model_settings = _split_overrides(config["model_type"], overrides, str(config_path))
-        if model_settings:
-            model.configure(**model_settings)
-        sleep_settings = {k: v for k, v in overrides.items() if k in _SLEEP_NAMES}
-        model.sleep = _sleep_config(model.sleep, sleep_settings, str(config_path))
+    _apply(model, config["model_type"], overrides, str(config_path))
     return _with_gate(model, model.sleep.gate).eval()  # a gate not in the files starts at 0 (no change)
 
 
@@ -397,8 +418,8 @@ def on_meta() -> bool:
     return torch.get_default_device().type == "meta"
 
 
-def build_pretrained(model_type: str, config: ModelConfig, *, sleep: SleepConfig | None,
-                     reference: dict[str, Any]) -> nn.Module:
+def build_pretrained(model_type: str, pretrained: str | None, hf_config: dict[str, Any] | str | None, *,
+                     sleep: SleepConfig | None, reference: dict[str, Any]) -> nn.Module:
     """A recipe's pretrained model: ``model.pretrained`` (a local folder, weights loaded in float32, the
     training precision) or ``model.hf_config`` (a config dict or path, random weights), else ``reference``
     (the published architecture, random weights); with ``sleep`` (the recipe's sleep section).
@@ -408,7 +429,7 @@ def build_pretrained(model_type: str, config: ModelConfig, *, sleep: SleepConfig
     published architecture (``reference``), so a recipe validates before the download. Anywhere else a
     missing folder is a RecipeError with the download command.
     """
-    folder = config.pretrained
+    folder = pretrained
     if folder is not None:
         path = Path(folder).expanduser()
         if on_meta():
@@ -426,7 +447,7 @@ def build_pretrained(model_type: str, config: ModelConfig, *, sleep: SleepConfig
                                   f"`{DOWNLOAD.get(model_type, DOWNLOAD['jet_nemotron'])}` (see docs/pretrained.md)")
             model = from_pretrained(path, dtype=torch.float32, sleep=sleep)
     else:
-        model = from_config(config.hf_config if config.hf_config is not None else reference, sleep=sleep)
+        model = from_config(hf_config if hf_config is not None else reference, sleep=sleep)
     return model
 
 
@@ -449,7 +470,7 @@ def parse_size(size: int | str) -> int:
 
 
 def sleepzoo_settings(model: nn.Module) -> dict[str, Any]:
-    """What config.json's ``sleepzoo`` key records for ``model``: its sleep settings when they differ from the
+    """What sleepzoo.json records for ``model``: its sleep settings when they differ from the
     published behaviour, and the model's own settings that differ from the defaults."""
     out: dict[str, Any] = {}
     sleep = getattr(model, "sleep", None)
@@ -473,9 +494,11 @@ T = TypeVar("T")
 
 
 def own_output(name: str) -> bool:
-    """True for a file name that :func:`save_pretrained` writes (config.json, weights, shards, index): what a
-    save replaces. Everything else in the folder (a tokenizer, a README, a licence) is the user's and kept."""
-    return name in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) or bool(_SHARD.fullmatch(name) or _STALE_TMP.fullmatch(name))
+    """True for a file name that :func:`save_pretrained` writes (config.json, sleepzoo.json, weights, shards,
+    index): what a save replaces. Everything else in the folder (a tokenizer, a README, a licence) is the
+    user's and kept."""
+    return (name in (CONFIG_NAME, SETTINGS_NAME, WEIGHTS_NAME, INDEX_NAME)
+            or bool(_SHARD.fullmatch(name) or _STALE_TMP.fullmatch(name)))
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -554,7 +577,7 @@ def replace_folder(folder: str | Path, fill: Callable[[Path], T]) -> T:
 
 
 def hf_config_for(model: nn.Module) -> dict[str, Any]:
-    """The config.json that :func:`save_pretrained` writes for ``model`` (see there)."""
+    """The config.json that :func:`save_pretrained` writes for ``model``: the published config (see there)."""
     config = getattr(model, "hf_config", None)
     if not isinstance(config, dict):
         raise SleepzooError(f"{type(model).__name__} has no hf_config (the config it was built from): only "
@@ -564,10 +587,7 @@ def hf_config_for(model: nn.Module) -> dict[str, Any]:
     if len(dtypes) == 1:
         config["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.")
         config.pop("dtype", None)
-    settings = sleepzoo_settings(model)
-    if settings:
-        config[SLEEPZOO_KEY] = settings
-    if settings.get("sleep_layers"):
+    if sleepzoo_settings(model).get("sleep_layers"):
         # The published Ouro code has no sleep layers: without auto_map transformers refuses the folder
         # instead of loading it and silently dropping their weights.
         config.pop("auto_map", None)
@@ -575,7 +595,8 @@ def hf_config_for(model: nn.Module) -> dict[str, Any]:
 
 
 def _write_hf_files(model: nn.Module, folder: Path, config: dict[str, Any], limit: int | None) -> list[str]:
-    """config.json and the weights (one file or shards + index) into ``folder``; the names written."""
+    """config.json, sleepzoo.json (when the model has settings to record) and the weights (one file or
+    shards + index) into ``folder``; the names written."""
     tensors = _unique_state_dict(model)
     sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
     written: list[str] = []
@@ -603,21 +624,28 @@ def _write_hf_files(model: nn.Module, folder: Path, config: dict[str, Any], limi
         written.append(INDEX_NAME)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     written.append(CONFIG_NAME)
+    settings = sleepzoo_settings(model)
+    if settings:
+        (folder / SETTINGS_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+        written.append(SETTINGS_NAME)
     return written
 
 
 def save_pretrained(model: nn.Module, folder: str | Path, *, max_shard_size: int | str | None = None) -> list[Path]:
     """Write ``folder/config.json`` and the weights so that :func:`from_pretrained` rebuilds the same model.
 
-    config.json is the model's ``hf_config`` with torch_dtype set to its weights' dtype and, when the model
+    config.json is the model's ``hf_config`` (the published config) with torch_dtype set to its weights'
+    dtype (and no auto_map once sleep layers are inserted: the published code has none). When the model
     differs from the published one (sleep settings, loop range, wake_passes, inserted sleep layers), those
-    settings under ``"sleepzoo"``. Weights go to ``model.safetensors`` (a tied weight once, under its first
-    name: no lm_head key when tied), or, above ``max_shard_size`` bytes (an int or "2GB"), to shards
-    ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json`` as Hugging Face writes them.
+    settings go to ``sleepzoo.json`` beside it (:func:`sleepzoo_settings`). Weights go to
+    ``model.safetensors`` (a tied weight once, under its first name: no lm_head key when tied), or, above
+    ``max_shard_size`` bytes (an int or "2GB"), to shards ``model-0000i-of-0000n.safetensors`` with a
+    ``model.safetensors.index.json`` as Hugging Face writes them.
 
     The folder is written whole beside the target and renamed into place (:func:`replace_folder`): a save
     that fails leaves an existing folder as it was; one that succeeds replaces its config and weight files
-    (stale shards of an earlier save included) and keeps the user's other files (tokenizer, README, ...).
+    (stale shards and sleepzoo.json of an earlier save included) and keeps the user's other files
+    (tokenizer, README, ...).
     Returns the files written.
     """
     config = hf_config_for(model)
@@ -627,208 +655,9 @@ def save_pretrained(model: nn.Module, folder: str | Path, *, max_shard_size: int
     return [folder / name for name in names]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# convert: a run or a folder -> a Hugging Face-style folder
+def __getattr__(name: str) -> Any:  # PEP 562: convert moved to sleepzoo.convert; the old import keeps working
+    if name == "convert":
+        from .convert import convert
 
-
-def _run_weights(run: Path) -> tuple[Path, int | None]:
-    """A run's newest weights file (final, else the newest checkpoint) and its step."""
-    from .checkpoint import latest_checkpoint, read_metadata
-
-    final = run / "final" / WEIGHTS_NAME
-    if final.is_file():
-        step = read_metadata(final).get("step")
-        return final, int(step) if step is not None else None
-    ckpt = latest_checkpoint(run / "checkpoints")
-    if ckpt is None:
-        raise SleepzooError(f"{str(run)!r} has no weights yet (no final/model.safetensors and no checkpoint)")
-    return ckpt / WEIGHTS_NAME, int(ckpt.name.split("_")[1])
-
-
-# A run's copy of the files it reads besides the weights, so that eval, generate and convert work from the
-# run directory alone: config.json and the tokenizer/generation/licence files of model.pretrained (or the
-# model.hf_config file), and a task.tokenizer given as a path (tokenizer/tokenizer.json).
-RUN_MODEL_DIR = "pretrained"
-RUN_TOKENIZER_DIR = "tokenizer"
-
-
-def _hf_config_file(recipe: Any) -> Path | None:
-    """The config.json file ``model.hf_config`` names, when it names one (not a dict or a shipped config)."""
-    hf = recipe.model.hf_config
-    if not isinstance(hf, str) or published_config(hf) != hf:
-        return None
-    path = Path(hf).expanduser()
-    return path / CONFIG_NAME if path.is_dir() else path
-
-
-def _task_tokenizer_file(recipe: Any) -> Path | None:
-    spec = recipe.task.options.get("tokenizer")
-    if not isinstance(spec, str) or spec == "builtin":
-        return None
-    path = Path(spec).expanduser()
-    return path / "tokenizer.json" if path.is_dir() else path
-
-
-def keep_model_files(run: str | Path, recipe: Any) -> list[str]:
-    """Copy into the run directory what its model and task read besides the weights (see
-    :data:`RUN_MODEL_DIR`), once: a copy that exists is the one the run started with and is kept. Sources
-    that are not there (a folder not downloaded yet) are skipped. Returns the files copied."""
-    run = Path(run)
-    copied: list[str] = []
-    model_dir = run / RUN_MODEL_DIR
-    if not model_dir.exists():
-        files: dict[str, Path] = {}
-        if recipe.model.pretrained is not None:
-            folder = Path(recipe.model.pretrained).expanduser()
-            files = {name: folder / name for name in (CONFIG_NAME, *SIDE_FILES) if (folder / name).is_file()}
-            if CONFIG_NAME not in files:
-                files = {}
-        elif (config := _hf_config_file(recipe)) is not None and config.is_file():
-            files = {CONFIG_NAME: config}
-        if files:
-            def fill(tmp: Path) -> None:
-                for name, path in files.items():
-                    shutil.copyfile(path, tmp / name)
-            replace_folder(model_dir, fill)
-            copied += [f"{RUN_MODEL_DIR}/{name}" for name in files]
-    tokenizer = _task_tokenizer_file(recipe)
-    if tokenizer is not None and tokenizer.is_file() and not (run / RUN_TOKENIZER_DIR).exists():
-        replace_folder(run / RUN_TOKENIZER_DIR, lambda tmp: shutil.copyfile(tokenizer, tmp / "tokenizer.json"))
-        copied.append(f"{RUN_TOKENIZER_DIR}/tokenizer.json")
-    return copied
-
-
-def run_recipe(run: str | Path, recipe: Any, *, task: bool = True) -> Any:
-    """``recipe`` (a run's own) reading the run's copies (:func:`keep_model_files`) instead of the original
-    folder and files, where the run has them. Such a recipe builds the model on the meta device only (the
-    copy holds no weights): the weights come from the run. With ``task`` (the recipe will build its task), a
-    run without copies whose pretrained folder is gone, and whose task would take its tokenizer from that
-    folder, is an error: the builtin tokenizer standing in would give other token ids than the model knows."""
-    import dataclasses
-
-    from . import registry
-
-    run = Path(run)
-    model, section = recipe.model, recipe.task
-    copy = run / RUN_MODEL_DIR / CONFIG_NAME
-    if model.pretrained is not None:
-        if copy.is_file():
-            model = dataclasses.replace(model, pretrained=str(copy.parent))
-        elif task and not Path(model.pretrained).expanduser().is_dir() and "tokenizer" not in section.options \
-                and "tokenizer" in inspect.signature(registry.get("task", section.name)).parameters:
-            raise SleepzooError(
-                f"{str(run)!r}: its model.pretrained folder {model.pretrained!r} is gone and the run holds no copy "
-                f"of its config.json and tokenizer.json in {RUN_MODEL_DIR}/ (runs trained before sleepzoo kept "
-                f"one); put the folder back or copy those files to {str(run / RUN_MODEL_DIR)!r}")
-    elif _hf_config_file(recipe) is not None and copy.is_file():
-        model = dataclasses.replace(model, hf_config=str(copy))
-    tokenizer = run / RUN_TOKENIZER_DIR / "tokenizer.json"
-    if _task_tokenizer_file(recipe) is not None and tokenizer.is_file():
-        section = dataclasses.replace(section, options={**section.options, "tokenizer": str(tokenizer)})
-    return dataclasses.replace(recipe, model=model, task=section)
-
-
-def load_run_model(run: str | Path, recipe: Any, weights: str | Path, *, dtype: Any = torch.float32,
-                   vocab_size: int | None = None) -> nn.Module:
-    """A run's jet_nemotron or ouro model with ``weights`` (its final or a checkpoint's), built on the meta
-    device from the run's copy of its config (:func:`run_recipe`) and filled from ``weights`` alone: the
-    pretrained folder's weights are never read and the folder need not exist. The model has the last stage's
-    sleep settings (the weights are that stage's) and ``recipe`` as its recipe."""
-    from . import registry
-
-    local = run_recipe(run, recipe, task=False)
-    sleep = local.stage_recipes()[-1][1].sleep
-    builder = registry.get("model", local.model.name)
-    gate = local.sleep.gate or any(stage.sleep.get("gate") for stage in local.stages)
-
-    def build() -> nn.Module:
-        model = builder(local.model, vocab_size=vocab_size, sleep=sleep)
-        if gate:
-            model.add_sleep_gate()
-        return model
-
-    weights = Path(weights)
-    with safe_open(str(weights), framework="pt") as f:
-        names = list(f.keys())
-    model = _load(build, {n: weights for n in names}, dtype=_resolve_dtype(dtype, {}), strict=True, device="cpu",
-                  source=f"weights {str(weights)!r}")
-    model.sleep = sleep
-    model.recipe = recipe
-    return model
-
-
-def _load_run(run: Path, dtype: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a run directory with its newest weights, without reading the pretrained folder's weights
-    (the architecture comes from the run's copy of its config.json, else the recipe's folder, or the published
-    one if that is gone)."""
-    import sleepzoo
-
-    from .config import load_recipe
-
-    recipe = load_recipe(run / "recipe.yaml")
-    if recipe.model.name not in MODEL_TYPES:
-        raise SleepzooError(f"{str(run)!r} trained a {recipe.model.name!r} model; convert writes Hugging Face "
-                            f"folders of {', '.join(sorted(MODEL_TYPES))} models only")
-    file, step = _run_weights(run)
-    vocab = None
-    if recipe.model.pretrained is None and recipe.model.hf_config is None:
-        vocab = sleepzoo.build_task(recipe).vocab_size  # a model built from scratch takes the task's vocabulary
-    model = load_run_model(run, recipe, file, dtype=dtype or "float32", vocab_size=vocab)
-    info = {"source": "run", "weights": str(file), "step": step, "pretrained": recipe.model.pretrained,
-            "tokenizer": recipe.task.options.get("tokenizer"),
-            "copies": [str(run / RUN_TOKENIZER_DIR), str(run / RUN_MODEL_DIR)]}
-    return model.eval(), info
-
-
-def convert(src: str | Path, dst: str | Path, *, dtype: Any = None, max_shard_size: int | str | None = None,
-            force: bool = False) -> dict[str, Any]:
-    """Write ``src`` as a Hugging Face-style folder ``dst`` (config.json + safetensors, sharded above
-    ``max_shard_size``) that :func:`from_pretrained` loads back with the same logits.
-
-    ``src`` is a sleepzoo run directory (recipe.yaml + checkpoints, from a jet_nemotron or ouro recipe: its
-    newest weights with the last stage's sleep settings, kept in float32 unless ``dtype``) or a Hugging Face
-    folder (re-saved, e.g. in another ``dtype``). Tokenizer, generation and licence files
-    (:data:`SIDE_FILES`) are copied from the source folder (for a run: from its ``task.tokenizer`` path, else
-    its ``model.pretrained`` folder, when there). ``dst`` must not hold files unless ``force``.
-    Returns a summary (source kind, files written, parameters, dtype).
-    """
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    if not src.exists():
-        raise SleepzooError(f"convert: {str(src)!r} does not exist")
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise SleepzooError("convert: DST must differ from SRC (write the new folder elsewhere)")
-    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not force)):
-        raise SleepzooError(f"convert: {str(dst)!r} already exists and is not an empty folder; choose another DST "
-                            f"or pass --force to replace the weights and config in it")
-    limit = None if max_shard_size is None else parse_size(max_shard_size)
-    if (src / "recipe.yaml").is_file():
-        model, info = _load_run(src, dtype)
-        side_dirs = [Path(p).expanduser() for p in (info["tokenizer"], info["pretrained"], *info.pop("copies"))
-                     if isinstance(p, str) and p != "builtin"]
-    elif (src / CONFIG_NAME).is_file():
-        model = from_pretrained(src, dtype=dtype)
-        info = {"source": "folder"}
-        side_dirs = [src]
-    else:
-        raise SleepzooError(f"convert: {str(src)!r} is neither a sleepzoo run directory (recipe.yaml) nor a "
-                            f"Hugging Face folder (config.json + safetensors)")
-    config = hf_config_for(model)
-    copied: list[str] = []
-
-    def fill(tmp: Path) -> list[str]:
-        names = _write_hf_files(model, tmp, config, limit)
-        for directory in side_dirs:
-            directory = directory.parent if directory.is_file() else directory
-            if not directory.is_dir():
-                continue
-            for name in SIDE_FILES:  # a file DST already holds is the user's: it is carried over instead
-                if (directory / name).is_file() and not (tmp / name).exists() and not (dst / name).exists():
-                    shutil.copyfile(directory / name, tmp / name)
-                    copied.append(name)
-        return names
-
-    written = [dst / name for name in replace_folder(dst, fill)]
-    params = {id(p): p.numel() for p in model.parameters()}
-    return {**info, "dst": str(dst), "files": [str(p) for p in written], "copied": copied,
-            "parameters": sum(params.values()), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "sleepzoo": sleepzoo_settings(model)}
+        return convert
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,8 +25,7 @@ from sleepzoo import distributed
 from sleepzoo.checkpoint import list_checkpoints
 from sleepzoo.config import RecipeError, load_recipe
 from sleepzoo.registry import SleepzooError
-from sleepzoo.precision import Precision
-from sleepzoo.train import train
+from sleepzoo.train import Precision, train
 
 TIMING = ("tokens_per_s", "elapsed_s", "train_time_s")
 LOSS_RTOL = 1e-5

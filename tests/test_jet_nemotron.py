@@ -327,15 +327,28 @@ def test_loops_repeat_only_the_loop_range():
     assert [calls[i] for i in coda] == [windows]  # sleep.coda: wake, the ablation: the wake pass only
 
 
+def build_model_of(cfg: ModelConfig) -> torch.nn.Module:
+    """``cfg`` through the builder it names, as sleepzoo.build_model calls it (fields checked by signature)."""
+    from sleepzoo import registry
+    from sleepzoo.build import call_builder
+
+    return call_builder(registry.get("model", cfg.name), cfg, vocab_size=50, sleep=None, where="recipe.yaml")
+
+
 def test_bad_loop_range_and_builder():
     with pytest.raises(SleepzooError, match="loop_range"):
         JetNemotronLM.from_config(TINY, loop_range=(4, 9))
-    cfg = ModelConfig(name="jet_nemotron", loop_start=1, loop_end=3)
-    cfg.hf_config = TINY  # the recipe field for a config without weights (see build_jet_nemotron)
-    model = build_jet_nemotron(cfg, vocab_size=50)
+    # hf_config: the recipe field for a config without weights (see build_jet_nemotron)
+    model = build_jet_nemotron(hf_config=TINY, loop_start=1, loop_end=3, vocab_size=50)
     assert isinstance(model, JetNemotronLM) and model.loop_range == (1, 3)
     with pytest.raises(SleepzooError, match="vocab_size"):
-        build_jet_nemotron(cfg, vocab_size=1000)
+        build_jet_nemotron(hf_config=TINY, vocab_size=1000)
+    # through a recipe's model section: the fields the builder's signature takes, and no others
+    cfg = ModelConfig(name="jet_nemotron", hf_config=TINY, loop_start=1, loop_end=3)
+    assert build_model_of(cfg).loop_range == (1, 3)
+    with pytest.raises(SleepzooError, match=r"model.d_model: 64 is not allowed; model 'jet_nemotron' does not take "
+                                            r"d_model \(it takes pretrained, hf_config, loop_start, loop_end"):
+        build_model_of(ModelConfig(name="jet_nemotron", hf_config=TINY, d_model=64))
 
 
 def test_configure_loop_range_and_saved_settings(tmp_path):
@@ -343,10 +356,12 @@ def test_configure_loop_range_and_saved_settings(tmp_path):
     assert model.sleepzoo_settings() == {}  # defaults are not recorded
     model.configure(loop_start=2)
     assert model.loop_range == (2, 5) and model.sleepzoo_settings() == {"loop_start": 2, "loop_end": 5}
-    with pytest.raises(SleepzooError, match=r"loop_start/loop_end: \[2, 9\]"):
+    with pytest.raises(SleepzooError, match=r"loop_start/loop_end=\[2, 9\] is not allowed; need integers "
+                                            r"0 <= loop_start < loop_end <= 6 \(the number of layers\)"):
         model.configure(loop_end=9)
     save_pretrained(model, tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["sleepzoo"] == {"loop_start": 2, "loop_end": 5}
-    assert JetNemotronLM.from_config(tmp_path).loop_range == (1, 5)  # the class ignores the key ...
-    assert from_pretrained(tmp_path).loop_range == (2, 5)  # ... sleepzoo.from_pretrained applies it
+    assert json.loads((tmp_path / "config.json").read_text()) == {**TINY, "model_type": "jet_nemotron",
+                                                                   "torch_dtype": "float32"}  # as published
+    assert json.loads((tmp_path / "sleepzoo.json").read_text()) == {"loop_start": 2, "loop_end": 5}
+    assert JetNemotronLM.from_config(tmp_path).loop_range == (1, 5)  # the class reads config.json only ...
+    assert from_pretrained(tmp_path).loop_range == (2, 5)  # ... sleepzoo.from_pretrained applies sleepzoo.json

@@ -307,7 +307,7 @@ def test_unknown_and_unsupported_config_fields_are_named(tmp_path):
 
 
 def test_save_pretrained_round_trip_with_sleep_layers(tmp_path):
-    """hf_config is the published config; inserted sleep layers and wake_passes go under "sleepzoo", so
+    """hf_config is the published config; inserted sleep layers and wake_passes go to sleepzoo.json, so
     from_pretrained rebuilds the same model (the published Ouro code could not: no auto_map is written)."""
     from sleepzoo.pretrained import from_pretrained, save_pretrained
 
@@ -319,7 +319,8 @@ def test_save_pretrained_round_trip_with_sleep_layers(tmp_path):
             layer.self_attn.o_proj.weight.normal_(0, 0.3)
     save_pretrained(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["sleepzoo"]["sleep_layers"] == [0, 2] and config["sleepzoo"]["wake_passes"] == 2
+    settings = json.loads((tmp_path / "sleepzoo.json").read_text())
+    assert "sleepzoo" not in config and settings["sleep_layers"] == [0, 2] and settings["wake_passes"] == 2
     loaded = from_pretrained(tmp_path, window=4, loops=2)
     ids = torch.randint(0, TINY["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

@@ -21,7 +21,8 @@ from sleepzoo import RecipeError, SleepzooError
 from sleepzoo.checkpoint import save_weights
 from sleepzoo.models.jet_nemotron import JetNemotronLM
 from sleepzoo.models.ouro import OuroLM
-from sleepzoo.pretrained import allowed_overrides, convert, from_config, from_pretrained, parse_size, save_pretrained
+from sleepzoo.convert import convert
+from sleepzoo.pretrained import allowed_overrides, from_config, from_pretrained, parse_size, save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "sleepzoo" / "models" / "configs"  # the published config.json files, shipped
@@ -103,6 +104,7 @@ def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_api_is_exported_lazily_and_builds_the_reference_configs_on_meta():
     assert sleepzoo.from_pretrained is from_pretrained and sleepzoo.from_config is from_config
+    assert sleepzoo.pretrained.convert is convert  # where it lived before sleepzoo.convert
     with torch.device("meta"):
         jet = sleepzoo.from_config(REFERENCE / "jet-nemotron-2b.json", window=2000, loops=4,
                                    loop_start=6, loop_end=22)
@@ -125,7 +127,7 @@ def test_unknown_overrides_list_the_allowed_names():
     with pytest.raises(SleepzooError, match=r"wake_passes is ouro's"):
         from_config(JET, wake_passes=1)
     assert "sleep_layers" in allowed_overrides("ouro") and "loop_start" not in allowed_overrides("ouro")
-    with pytest.raises(SleepzooError, match="sleep_every=3 needs eviction='sliding_window'"):
+    with pytest.raises(SleepzooError, match="sleep_every=3 is not allowed; full_flush sleeps on whole windows"):
         from_config(JET, window=6, sleep_every=3)
     with pytest.raises(SleepzooError, match="unknown eviction|sliding_windo"):
         from_config(JET, eviction="sliding_windo")
@@ -229,7 +231,8 @@ def test_ouro_recipe_fields(tmp_path):
         sleepzoo.load_recipe(data, overrides=["model.wake_passes=0"])
     with pytest.raises(RecipeError, match="loop_start"):
         sleepzoo.build_model(sleepzoo.load_recipe(data, overrides=["model.loop_start=1"]))
-    with pytest.raises(RecipeError, match="Ouro settings"):
+    with pytest.raises(RecipeError, match=r"model.wake_passes: 1 is not allowed; model 'jet_nemotron' does not "
+                                          r"take wake_passes \(it takes pretrained, hf_config, loop_start, loop_end"):
         sleepzoo.build_model(sleepzoo.load_recipe(recipe_dict({"name": "jet_nemotron", "hf_config": JET,
                                                                "wake_passes": 1})))
 
@@ -266,6 +269,7 @@ def test_convert_folder_round_trip_dtype_and_shards(tmp_path):
     assert torch.equal(logits(from_pretrained(tmp_path / "f32"), x), logits(source, x))
     config = json.loads((tmp_path / "f32" / "config.json").read_text())
     assert "sleepzoo" not in config and config["auto_map"] == OURO["auto_map"]  # still the published format
+    assert not (tmp_path / "f32" / "sleepzoo.json").exists()  # as published: no settings to record
     # sharded: several files and an index, which load again
     convert(tmp_path / "src", tmp_path / "sharded", max_shard_size=4000)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
@@ -302,9 +306,11 @@ def test_convert_run_of_a_retrofitted_ouro(tmp_path):
     summary = convert(tmp_path / "run", tmp_path / "out")
     assert summary["source"] == "run" and summary["step"] == 7 and "tokenizer.json" in summary["copied"]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["sleepzoo"] == {"window": 5, "loops": 3, "eviction": "sliding_window", "sleep_every": 2,
-                                  "wake_passes": 1, "sleep_layers": [1, 3],
-                                  "sleep_layer_options": trained.sleep_layer_options}
+    assert "sleepzoo" not in config  # config.json is Hugging Face's; sleepzoo's settings have their own file
+    assert json.loads((tmp_path / "out" / "sleepzoo.json").read_text()) == {
+        "window": 5, "loops": 3, "eviction": "sliding_window", "sleep_every": 2, "wake_passes": 1,
+        "sleep_layers": [1, 3], "sleep_layer_options": trained.sleep_layer_options}
+    assert summary["sleepzoo"] == json.loads((tmp_path / "out" / "sleepzoo.json").read_text())
     assert "auto_map" not in config  # the published Ouro code can not load the inserted layers
     loaded = from_pretrained(tmp_path / "out")
     assert loaded.sleep_after == (1, 3) and loaded.wake_passes == 1 and loaded.sleep == trained.sleep
@@ -544,7 +550,7 @@ def test_eval_and_generate_of_a_pretrained_run_need_only_the_run_directory(tmp_p
     assert "Question" in result.output and "->" in result.output
     summary = convert(run, tmp_path / "hf")  # convert, too, from the run alone
     assert "tokenizer.json" in summary["copied"]
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["sleepzoo"].get("gate") is (
+    assert json.loads((tmp_path / "hf" / "sleepzoo.json").read_text()).get("gate") is (
         True if kind == "ouro" else None)  # the sleep gate is recorded, and its parameter saved
     assert torch.equal(logits(from_pretrained(tmp_path / "hf"), x), logits(model, x))
 
@@ -560,3 +566,109 @@ def test_generate_shows_ids_past_the_tokenizers_vocabulary():
     from sleepzoo.cli import _token
 
     assert [_token(["a", "b"], i) for i in (0, 1, 2, 151_000)] == ["a", "b", "<id 2>", "<id 151000>"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sleepzoo.json, and folders written before it (settings under config.json's "sleepzoo" key)
+
+
+def old_folder(folder: Path, config: dict, settings: dict, model: torch.nn.Module) -> None:
+    """A folder as save_pretrained wrote it before sleepzoo.json: the published config with torch_dtype, the
+    settings under its "sleepzoo" key (no auto_map once sleep layers were inserted), one safetensors file."""
+    folder.mkdir(parents=True)
+    written = {k: v for k, v in config.items() if not (k == "auto_map" and settings.get("sleep_layers"))}
+    (folder / "config.json").write_text(json.dumps({**written, "torch_dtype": "float32", "sleepzoo": settings}))
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()
+               if not (k == "lm_head.weight" and config.get("tie_word_embeddings"))}
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+OLD_OURO_SETTINGS = {"window": 5, "loops": 3, "eviction": "sliding_window", "sleep_every": 2, "gate": True,
+                     "wake_passes": 1, "sleep_layers": [1, 3], "sleep_layer_options": SMALL_JET}
+
+
+def test_a_folder_written_before_sleepzoo_json_loads_as_it_did(tmp_path):
+    torch.manual_seed(0)
+    want = randomize(from_config(OURO, window=5, loops=3, eviction="sliding_window", sleep_every=2, gate=True,
+                                 wake_passes=1, sleep_layers=[1, 3], sleep_layer_options=SMALL_JET))
+    with torch.no_grad():
+        want.sleep_gate.fill_(0.25)  # a trained gate: loading must not reset it
+    old_folder(tmp_path / "old", OURO, OLD_OURO_SETTINGS, want)
+    x = ids(T=12)
+    loaded = from_pretrained(tmp_path / "old")  # strict: every tensor of the files has its place
+    assert loaded.sleep == want.sleep and loaded.sleep_after == (1, 3) and loaded.wake_passes == 1
+    assert loaded.sleep_layer_options == want.sleep_layer_options
+    assert torch.equal(loaded.sleep_gate, want.sleep_gate) and torch.equal(logits(loaded, x), logits(want, x))
+    shapes = from_config(tmp_path / "old")  # random weights, the same architecture and settings
+    assert shapes.sleep == want.sleep and shapes.sleep_after == (1, 3) and shapes.num_parameters() == \
+        want.num_parameters()
+    # as a recipe's pretrained folder: its inserted layers kept
+    data = recipe_dict({"name": "ouro", "pretrained": str(tmp_path / "old"), "wake_passes": 1,
+                        "mixers": {"jet": SMALL_JET}}, sleep={"window": 5, "loops": 3})
+    built = sleepzoo.build_model(sleepzoo.load_recipe(data))
+    assert built.sleep_after == (1, 3) and torch.equal(built.model.sleep_layers[0].self_attn.o_proj.weight,
+                                                       want.model.sleep_layers[0].self_attn.o_proj.weight)
+    # saved again: the new layout, the same model
+    save_pretrained(from_pretrained(tmp_path / "old"), tmp_path / "new")
+    config = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert "sleepzoo" not in config and "auto_map" not in config
+    assert json.loads((tmp_path / "new" / "sleepzoo.json").read_text()) == OLD_OURO_SETTINGS
+    assert torch.equal(logits(from_pretrained(tmp_path / "new"), x), logits(want, x))
+
+
+def test_sleepzoo_json_wins_over_the_old_key_and_a_resave_drops_a_stale_one(tmp_path):
+    model = randomize(from_config(JET))
+    old_folder(tmp_path / "both", JET, {"loop_start": 2, "loop_end": 4, "loops": 7, "window": 9}, model)
+    (tmp_path / "both" / "sleepzoo.json").write_text(json.dumps({"loop_start": 1, "loop_end": 3}))
+    for loaded in (from_pretrained(tmp_path / "both"), from_config(tmp_path / "both")):
+        assert loaded.loop_range == (1, 3)  # the file's
+        assert (loaded.sleep.window, loaded.sleep.loops) == (64, 1)  # the key is ignored whole: published sleep
+    # overrides still win over the file
+    assert from_pretrained(tmp_path / "both", loop_end=4).loop_range == (1, 4)
+    # a model with nothing to record saved over the folder: the stale sleepzoo.json goes with the old key
+    save_pretrained(model, tmp_path / "both")
+    assert not (tmp_path / "both" / "sleepzoo.json").exists()
+    assert "sleepzoo" not in json.loads((tmp_path / "both" / "config.json").read_text())
+    assert from_pretrained(tmp_path / "both").loop_range == (1, 4)  # Jet's default for 5 blocks
+
+
+@pytest.mark.parametrize("text, says", [
+    ("{not json", "not readable JSON"),
+    ("[1, 2]", "must be a JSON object of sleepzoo settings"),
+    ('{"loopz": 2}', "unknown override(s) loopz"),
+    ('{"loops": 0}', "loops=0 is not allowed; must be an integer >= 1"),
+    ('{"window": 4, "sleep_every": 3}', "full_flush sleeps on whole windows"),
+], ids=["json", "list", "name", "loops", "rule"])
+def test_a_damaged_sleepzoo_json_is_one_line_naming_it(tmp_path, text, says):
+    save_pretrained(randomize(from_config(JET)), tmp_path / "jet")
+    (tmp_path / "jet" / "sleepzoo.json").write_text(text)
+    for load in (from_pretrained, from_config):
+        with pytest.raises(SleepzooError) as info:
+            load(tmp_path / "jet")
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(str(tmp_path / "jet" / "sleepzoo.json")), message
+        assert says in message, message
+
+
+def test_a_run_keeps_the_sleepzoo_json_of_its_pretrained_folder(tmp_path):
+    """A converted folder (with sleepzoo.json) as a recipe's pretrained folder: the run's copy holds the file,
+    so the run loads the same architecture once the folder is gone."""
+    from sleepzoo.convert import keep_model_files, load_run_model
+
+    torch.manual_seed(1)
+    source = randomize(from_config(OURO, wake_passes=1, sleep_layers=[1, 3], sleep_layer_options=SMALL_JET))
+    save_pretrained(source, tmp_path / "retro")
+    write_tokenizer(tmp_path / "retro" / "tokenizer.json")
+    data = recipe_dict({"name": "ouro", "pretrained": str(tmp_path / "retro"), "wake_passes": 1,
+                        "mixers": {"jet": SMALL_JET}}, sleep={"window": 5, "loops": 2})
+    recipe = sleepzoo.load_recipe(data)
+    run = tmp_path / "run"
+    assert sorted(keep_model_files(run, recipe)) == ["pretrained/config.json", "pretrained/sleepzoo.json",
+                                                     "pretrained/tokenizer.json"]
+    save_weights(source, run / "final" / "model.safetensors")
+    shutil.rmtree(tmp_path / "retro")
+    model = load_run_model(run, recipe, run / "final" / "model.safetensors", vocab_size=41)
+    assert model.sleep_after == (1, 3)
+    x = ids(T=10)
+    with torch.no_grad():
+        assert torch.equal(model(x, window=5, loops=2).logits, source(x, window=5, loops=2).logits)

@@ -450,8 +450,7 @@ STUDY = {
 
 
 def _study_cases(s: dict) -> list[Case]:
-    from ..optim import build_optimizers  # the trainer's own pieces
-    from ..train import batch_seed, build
+    from ..train import batch_seed, build, build_optimizers  # the trainer's own pieces
 
     B, dev = s["B"], s["device"]
     cases = []

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .. import registry
 from ..config import ModelConfig, RecipeError, SleepConfig, check_mixer_options
+from ..rules import RuleError, check_loop_range
 from .base import Block, SleepModel
 
 
@@ -48,10 +49,10 @@ class HybridLM(SleepModel):
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
         lo = 0 if config.loop_start is None else config.loop_start
         hi = n if config.loop_end is None else config.loop_end
-        if not 0 <= lo < hi <= n:
-            raise RecipeError(f"model.loop_start/loop_end: [{config.loop_start}, {config.loop_end}] needs "
-                              f"0 <= loop_start < loop_end <= {n} (the number of layers)")
-        self.loop_range = (lo, hi)
+        try:
+            self.loop_range = check_loop_range(lo, hi, n)
+        except RuleError as exc:
+            raise RecipeError(f"model.{exc}") from None
         self._init_weights(config.init_std, n)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -79,6 +80,12 @@ class HybridLM(SleepModel):
         return self.lm_head(self.model.norm(h))
 
 
-def build_hybrid(config: ModelConfig, *, vocab_size: int, sleep: SleepConfig | None = None) -> HybridLM:
-    """Model builder registered as ``hybrid``."""
+def build_hybrid(*, d_model: int, layers: list[str], d_ff: int | None, norm_eps: float, tie_embeddings: bool,
+                 init_std: float, loop_start: int | None, loop_end: int | None, mixers: dict[str, dict],
+                 vocab_size: int, sleep: SleepConfig | None = None) -> HybridLM:
+    """Model builder registered as ``hybrid``: the model section's fields it takes (every one but pretrained,
+    hf_config and Ouro's wake_passes / sleep_layers; see :class:`sleepzoo.config.ModelConfig`)."""
+    config = ModelConfig(name="hybrid", d_model=d_model, layers=layers, d_ff=d_ff, norm_eps=norm_eps,
+                         tie_embeddings=tie_embeddings, init_std=init_std, loop_start=loop_start, loop_end=loop_end,
+                         mixers=mixers)
     return HybridLM(config, vocab_size=vocab_size, sleep=sleep)

@@ -26,13 +26,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from ..config import ModelConfig, RecipeError, SleepConfig
+from ..config import RecipeError, SleepConfig
 from ..mixers.attention import Attention
 from ..mixers.jet import JetBlock
-from ..mixers.parts import RMSNorm
 from ..registry import SleepzooError
+from ..rules import RuleError, check_loop_range
 from .base import Block, SleepModel, read_config_json
 
 MODEL_TYPE = "jet_nemotron"
@@ -89,6 +90,18 @@ HARMLESS = ("architectures", "auto_map", "transformers_version", "use_cache", "b
 JET_FIELDS = {"num_heads", "head_dim", "expand_v", "conv_size", "dconv_generator_reduction", "norm_eps"}
 JET_HARMLESS = {"dconv_implementation", "mode"}  # kernel choices (triton / chunk) of the published code
 SWA_FIELDS = {"window_size"}
+
+
+class RMSNorm(nn.RMSNorm):
+    """Qwen2's RMSNorm: normalise in float32, scale, cast back (parameter ``weight``, as nn.RMSNorm).
+
+    The published model computes the norm in float32 whatever the weights' dtype; doing the same keeps a
+    bfloat16 model close to it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
 
 
 def _fail(where: str, msg: str) -> SleepzooError:
@@ -234,17 +247,18 @@ class JetNemotronLM(SleepModel):
         blocks = []
         for i, kind in enumerate(s["layer_types"]):
             block = Block(d, self._mixer(kind, i), s["intermediate_size"], s["rms_norm_eps"])
-            # Qwen2's norms, in float32 as published (same parameter names and shapes as nn.RMSNorm)
-            block.input_layernorm = RMSNorm(d, eps=s["rms_norm_eps"], float32=True)
-            block.post_attention_layernorm = RMSNorm(d, eps=s["rms_norm_eps"], float32=True)
+            # float32 norms as published (same parameter names and shapes as nn.RMSNorm)
+            block.input_layernorm = RMSNorm(d, eps=s["rms_norm_eps"])
+            block.post_attention_layernorm = RMSNorm(d, eps=s["rms_norm_eps"])
             blocks.append(block)
         self.model.layers = nn.ModuleList(blocks)
-        self.model.norm = RMSNorm(d, eps=s["rms_norm_eps"], float32=True)
+        self.model.norm = RMSNorm(d, eps=s["rms_norm_eps"])
         self.lm_head = nn.Linear(d, s["vocab_size"], bias=False)
         lo, hi = default_loop_range(n) if loop_range is None else tuple(loop_range)
-        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi <= n):
-            raise SleepzooError(f"loop_range={loop_range!r}: need integers 0 <= start < end <= {n} (the blocks)")
-        self.loop_range = (lo, hi)
+        try:
+            self.loop_range = check_loop_range(lo, hi, n)
+        except RuleError as exc:
+            raise SleepzooError(f"loop_range={loop_range!r}: {exc.allowed}") from None
         self._init_weights(s["initializer_range"])
         self.tie_weights()
 
@@ -276,10 +290,10 @@ class JetNemotronLM(SleepModel):
         n = len(self.model.layers)
         rng = (self.loop_range[0] if loop_start is None else loop_start,
                self.loop_range[1] if loop_end is None else loop_end)
-        if not (all(isinstance(v, int) and not isinstance(v, bool) for v in rng) and 0 <= rng[0] < rng[1] <= n):
-            raise SleepzooError(f"loop_start/loop_end: {list(rng)} needs integers 0 <= loop_start < loop_end <= {n} "
-                                f"(the blocks; default {list(default_loop_range(n))})")
-        self.loop_range = rng
+        try:
+            self.loop_range = check_loop_range(*rng, n)
+        except RuleError as exc:
+            raise SleepzooError(f"{exc} (default {list(default_loop_range(n))})") from None
         return self
 
     def tie_weights(self) -> None:
@@ -309,27 +323,25 @@ class JetNemotronLM(SleepModel):
         return self.lm_head(self.model.norm(h))  # (B, T, vocab)
 
 
-def build_jet_nemotron(config: ModelConfig, *, vocab_size: int | None = None,
+def build_jet_nemotron(*, pretrained: str | None = None, hf_config: dict[str, Any] | str | None = None,
+                       loop_start: int | None = None, loop_end: int | None = None, vocab_size: int | None = None,
                        sleep: SleepConfig | None = None) -> JetNemotronLM:
     """Model builder registered as ``jet_nemotron`` (recipe ``model: {name: jet_nemotron, ...}``).
 
-    Reads from the model section: ``pretrained`` (a local folder: config.json + weights, loaded in float32
+    Takes from the model section: ``pretrained`` (a local folder: config.json + weights, loaded in float32
     with :func:`sleepzoo.pretrained.from_pretrained`) or ``hf_config`` (a config dict or path; random weights);
     with neither, Jet-Nemotron-2B's architecture with random weights. ``loop_start`` / ``loop_end`` override
     the looped blocks (default (7, 21) for 2B). On the meta device (``sleepzoo recipe validate``) a
     ``pretrained`` folder that is not there yet stands for Jet-Nemotron-2B's published architecture. The
-    hybrid fields (d_model, layers, d_ff, mixers, ...) do not apply: the architecture is the config's.
+    architecture is the config's, so no other field of the section applies (its signature says which).
     """
-    if config.wake_passes is not None or config.sleep_layers is not None:
-        raise RecipeError("model.wake_passes / model.sleep_layers: Ouro settings; jet_nemotron already has its "
-                          "sleep layers (its JetBlocks) and loops model.loop_start..loop_end")
     from ..pretrained import build_pretrained  # pretrained imports this module
-    model = build_pretrained("jet_nemotron", config, sleep=sleep, reference=JET_NEMOTRON_2B_CONFIG)
+    model = build_pretrained("jet_nemotron", pretrained, hf_config, sleep=sleep, reference=JET_NEMOTRON_2B_CONFIG)
     if not isinstance(model, JetNemotronLM):
         raise RecipeError(f"model: the config holds a {type(model).__name__}, not Jet-Nemotron (model.name: "
                           f"jet_nemotron)")
     try:
-        model.configure(loop_start=config.loop_start, loop_end=config.loop_end)
+        model.configure(loop_start=loop_start, loop_end=loop_end)
     except SleepzooError as exc:
         raise RecipeError(f"model.{exc}") from None
     if vocab_size is not None and vocab_size > model.vocab_size:

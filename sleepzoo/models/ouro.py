@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import engine
-from ..config import ModelConfig, RecipeError, SleepConfig, check_mixer_options
+from ..config import RecipeError, SleepConfig, check_mixer_options
 from ..mixers import MixerState, evict_state
 from ..mixers.attention import Attention
 from ..registry import SleepzooError
@@ -551,7 +551,11 @@ OURO_1_4B_CONFIG: dict[str, Any] = {
 }
 
 
-def build_ouro(config: ModelConfig, *, vocab_size: int | None = None, sleep: SleepConfig | None = None) -> OuroLM:
+def build_ouro(*, pretrained: str | None = None, hf_config: dict[str, Any] | str | None = None,
+               wake_passes: int | None = None, sleep_layers: list[int] | None = None,
+               mixers: dict[str, dict] | None = None, d_model: int, layers: Sequence[str], d_ff: int | None,
+               norm_eps: float, tie_embeddings: bool, init_std: float, vocab_size: int | None = None,
+               sleep: SleepConfig | None = None) -> OuroLM:
     """Model builder registered as ``ouro`` (recipe ``model: {name: ouro, ...}``).
 
     Pretrained: ``pretrained`` (a local folder, config.json + safetensors, loaded in float32 by
@@ -562,62 +566,70 @@ def build_ouro(config: ModelConfig, *, vocab_size: int | None = None, sleep: Sle
     unchanged at step 0. ``wake_passes``: loop steps of the wake pass (default the config's
     ``total_ut_steps``; the sleep recipes use 1, the paper's single prediction pass).
 
-    From scratch (neither): ``d_model`` -> hidden_size, ``d_ff`` -> intermediate_size (default 8/3 d rounded
-    to 64), one shared layer per ``layers`` entry (each must be ``attention``), ``norm_eps``,
+    From scratch (neither), from the model section's other fields (defaults: those of
+    :class:`sleepzoo.config.ModelConfig`): ``d_model`` -> hidden_size, ``d_ff`` -> intermediate_size (default
+    8/3 d rounded to 64), one shared layer per ``layers`` entry (each must be ``attention``), ``norm_eps``,
     ``tie_embeddings``, ``init_std``, ``mixers.attention`` (num_heads, num_kv_heads, head_dim, rope_theta);
     the loop has the published 4 steps; ``sleep_layers`` defaults to none there.
 
-    ``loop_start``/``loop_end`` do not apply: a sleep pass is a whole Ouro step.
+    ``loop_start``/``loop_end`` are not taken: a sleep pass is a whole Ouro step (``wake_passes`` sets the
+    steps of the wake pass).
     """
-    from .hybrid import default_d_ff
-
-    if config.loop_start is not None or config.loop_end is not None:
-        raise RecipeError("model.loop_start / model.loop_end: the ouro model loops whole steps; leave them unset "
-                          "(model.wake_passes sets the steps of the wake pass)")
-    unused = sorted(set(config.mixers) - {"attention", "jet"})
+    mixers = mixers or {}
+    unused = sorted(set(mixers) - {"attention", "jet"})
     if unused:
         raise RecipeError(f"model.mixers: {', '.join(unused)} not used by the ouro model (attention: its layers "
                           f"when built from scratch; jet: the inserted sleep layers)")
     from ..mixers.jet import JetBlock
 
-    jet = check_mixer_options(JetBlock, config.mixers.get("jet", {}), "model.mixers.jet")
-    if config.pretrained is not None or config.hf_config is not None:
-        if "attention" in config.mixers:
+    jet = check_mixer_options(JetBlock, mixers.get("jet", {}), "model.mixers.jet")
+    if pretrained is not None or hf_config is not None:
+        if "attention" in mixers:
             raise RecipeError("model.mixers.attention: a pretrained Ouro's attention comes from its config.json; "
                               "remove it")
         from ..pretrained import build_pretrained  # pretrained imports this module
-        model = build_pretrained("ouro", config, sleep=sleep, reference=OURO_1_4B_CONFIG)
+        model = build_pretrained("ouro", pretrained, hf_config, sleep=sleep, reference=OURO_1_4B_CONFIG)
         if not isinstance(model, OuroLM):
             raise RecipeError(f"model: the config holds a {type(model).__name__}, not Ouro (model.name: ouro)")
-        after = default_sleep_layers(model.num_hidden_layers) if config.sleep_layers is None else config.sleep_layers
-        if config.sleep_layers is not None or not model.sleep_after:  # a retrofitted folder keeps its own
+        after = default_sleep_layers(model.num_hidden_layers) if sleep_layers is None else sleep_layers
+        if sleep_layers is not None or not model.sleep_after:  # a retrofitted folder keeps its own
             model.configure(sleep_layers=after, sleep_layer_options=jet if jet else None)
-        model.configure(wake_passes=config.wake_passes)
+        model.configure(wake_passes=wake_passes)
     else:
-        if any(name != "attention" for name in config.layers):
-            raise RecipeError(f"model.layers: {config.layers!r}: the ouro model's shared layers are all "
-                              f"'attention' (sleep layers are model.sleep_layers)")
-        attn = dict(config.mixers.get("attention", {}))
-        allowed = {"num_heads", "num_kv_heads", "head_dim", "rope_theta"}
-        extra = sorted(set(attn) - allowed)
-        if extra:
-            raise RecipeError(f"model.mixers.attention: {', '.join(extra)} not supported by the ouro model "
-                              f"(allowed: {', '.join(sorted(allowed))})")
-        attn = check_mixer_options(Attention, attn, "model.mixers.attention")
-        if vocab_size is None:
-            raise RecipeError("model: an ouro model built from scratch takes its vocabulary from the task "
-                              "(vocab_size)")
-        model = OuroLM(vocab_size=vocab_size, hidden_size=config.d_model,
-                       intermediate_size=default_d_ff(config.d_model) if config.d_ff is None else config.d_ff,
-                       num_hidden_layers=len(config.layers), num_attention_heads=attn.get("num_heads", 4),
-                       num_key_value_heads=attn.get("num_kv_heads"), head_dim=attn.get("head_dim"),
-                       rope_theta=float(attn.get("rope_theta", 1e6)), rms_norm_eps=config.norm_eps,
-                       tie_word_embeddings=config.tie_embeddings, initializer_range=config.init_std,
-                       wake_passes=config.wake_passes, sleep=sleep)
-        if config.sleep_layers:
-            model.configure(sleep_layers=config.sleep_layers, sleep_layer_options=jet or None)
+        model = _scratch_ouro(list(layers), mixers.get("attention", {}), d_model=d_model, d_ff=d_ff,
+                              norm_eps=norm_eps, tie_embeddings=tie_embeddings, init_std=init_std,
+                              wake_passes=wake_passes, vocab_size=vocab_size, sleep=sleep)
+        if sleep_layers:
+            model.configure(sleep_layers=sleep_layers, sleep_layer_options=jet or None)
         elif jet:
             raise RecipeError("model.mixers.jet: sizes the inserted sleep layers; set model.sleep_layers too")
     if vocab_size is not None and vocab_size > model.vocab_size:
         raise RecipeError(f"vocab_size={vocab_size} is larger than Ouro's vocabulary ({model.vocab_size})")
     return model
+
+
+def _scratch_ouro(layers: list[str], attention: dict, *, d_model: int, d_ff: int | None, norm_eps: float,
+                  tie_embeddings: bool, init_std: float, wake_passes: int | None, vocab_size: int | None,
+                  sleep: SleepConfig | None) -> OuroLM:
+    """An Ouro built from a recipe's hybrid-style fields (see :func:`build_ouro`), random weights."""
+    from .hybrid import default_d_ff
+
+    if any(name != "attention" for name in layers):
+        raise RecipeError(f"model.layers: {layers!r}: the ouro model's shared layers are all "
+                          f"'attention' (sleep layers are model.sleep_layers)")
+    allowed = {"num_heads", "num_kv_heads", "head_dim", "rope_theta"}
+    extra = sorted(set(attention) - allowed)
+    if extra:
+        raise RecipeError(f"model.mixers.attention: {', '.join(extra)} not supported by the ouro model "
+                          f"(allowed: {', '.join(sorted(allowed))})")
+    attn = check_mixer_options(Attention, dict(attention), "model.mixers.attention")
+    if vocab_size is None:
+        raise RecipeError("model: an ouro model built from scratch takes its vocabulary from the task "
+                          "(vocab_size)")
+    return OuroLM(vocab_size=vocab_size, hidden_size=d_model,
+                  intermediate_size=default_d_ff(d_model) if d_ff is None else d_ff,
+                  num_hidden_layers=len(layers), num_attention_heads=attn.get("num_heads", 4),
+                  num_key_value_heads=attn.get("num_kv_heads"), head_dim=attn.get("head_dim"),
+                  rope_theta=float(attn.get("rope_theta", 1e6)), rms_norm_eps=norm_eps,
+                  tie_word_embeddings=tie_embeddings, initializer_range=init_std, wake_passes=wake_passes,
+                  sleep=sleep)

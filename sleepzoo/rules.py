@@ -1,0 +1,62 @@
+"""The rules that relate sleep settings, each stated once.
+
+A recipe (:mod:`sleepzoo.config`), a pretrained folder's settings (:mod:`sleepzoo.pretrained`), an eviction
+policy (:mod:`sleepzoo.eviction`), the engine and the model builders all call these functions; each caller
+words the error for its own context (a recipe field, a keyword argument) from the :class:`RuleError`'s
+``field``, ``value`` and ``allowed``. This module imports no torch, so validating a recipe stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .registry import SleepzooError
+
+
+class RuleError(SleepzooError, ValueError):
+    """A setting breaks a rule: ``field`` (its name), ``value`` and ``allowed`` (what the rule allows)."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{field}={value!r} is not allowed; {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_count(field: str, value: Any, meaning: str) -> int:
+    """``value`` is an integer >= 1 (``window``: tokens per window; ``loops``: passes over a window)."""
+    if not _is_int(value) or value < 1:
+        raise RuleError(field, value, f"must be an integer >= 1 ({meaning})")
+    return value
+
+
+def check_window(window: Any, loops: Any) -> None:
+    """The window holds >= 1 tokens and the model makes >= 1 passes over it (1 = no sleep)."""
+    check_count("window", window, "tokens per attention window")
+    check_count("loops", loops, "passes per window; 1 = no sleep")
+
+
+def check_sleep_every(window: int, sleep_every: Any, eviction: Any = None) -> None:
+    """``sleep_every`` (new tokens between two sleeps) is None (every window) or an integer in [1, window]:
+    the model sleeps at the latest when its window is full. ``full_flush`` (hard eviction) sleeps on whole
+    windows only, so there it must be None or the window itself."""
+    if sleep_every is None:
+        return
+    if not _is_int(sleep_every) or not 1 <= sleep_every <= window:
+        raise RuleError("sleep_every", sleep_every, f"must be an integer in [1, window = {window}] (null: sleep "
+                                                    f"every window; the model sleeps at the latest when its "
+                                                    f"window is full)")
+    if eviction == "full_flush" and sleep_every != window:
+        raise RuleError("sleep_every", sleep_every, f"full_flush sleeps on whole windows; leave sleep_every unset "
+                                                    f"(= window {window}) or use eviction: sliding_window")
+
+
+def check_loop_range(start: Any, end: Any, n_blocks: int | None = None) -> tuple[int, int]:
+    """The looped blocks [start, end): integers with ``0 <= start < end <= n_blocks`` (``n_blocks`` None: the
+    upper end is the model builder's to check, e.g. a pretrained model's depth comes from its config.json)."""
+    top = "the number of layers" if n_blocks is None else f"{n_blocks} (the number of layers)"
+    if not (_is_int(start) and _is_int(end) and 0 <= start < end and (n_blocks is None or end <= n_blocks)):
+        raise RuleError("loop_start/loop_end", [start, end], f"need integers 0 <= loop_start < loop_end <= {top}")
+    return start, end
