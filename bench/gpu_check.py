@@ -367,7 +367,8 @@ def check_jet2b_train(device: torch.device, dry_run: bool, deadline: float) -> d
     """One optimizer step's forward/backward over the paper's batch, accumulated over micro-batches."""
     from sleepzoo.models.jet_nemotron import JetNemotronLM
     from sleepzoo.pretrained import published_config
-    from sleepzoo.train import _accumulate, Precision
+    from sleepzoo.precision import Precision
+    from sleepzoo.train import _accumulate
 
     config = json.loads(open(published_config("jet-nemotron-2b")).read())
     batch, T, targets, window, micro = 256, 3300, 5, 2000, 16

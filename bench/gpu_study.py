@@ -59,7 +59,7 @@ def study_recipe(t: int, loops: int, steps: int, *, dry_run: bool, device: str, 
 def step_seconds(recipe, repeats: int = 3) -> float:
     """Seconds per training step of ``recipe``'s model (after a warm-up step), bf16 autocast as in training."""
     import sleepzoo
-    from sleepzoo.train import Precision
+    from sleepzoo.precision import Precision
 
     dev = torch.device(recipe.train.device)
     model, task = sleepzoo.build_model(recipe).to(dev), sleepzoo.build_task(recipe)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-import sleepzoo.mixers.gated_deltanet as gdn
+import sleepzoo.mixers.parts as parts
 from sleepzoo import engine
 from sleepzoo.benchmarks.suites import _fast_weight_sum, _tokens, hybrid
 
@@ -75,7 +75,7 @@ def short_conv_ab(repeats: int) -> None:
     for B, T, C in ((1, 1, 1024), (64, 25, 64), (8, 512, 192), (2, 256, 1024)):
         x = torch.randn(B, T, C, requires_grad=True)
         weight = torch.randn(C, 1, 4, requires_grad=True)
-        cases = {"taps": lambda: gdn.causal_depthwise_conv(x, weight)[0], "conv1d": lambda: _conv1d(x, weight)}
+        cases = {"taps": lambda: parts.causal_depthwise_conv(x, weight)[0], "conv1d": lambda: _conv1d(x, weight)}
         times: dict[str, list[float]] = {name: [] for name in cases}
         for i in range(repeats + 5):
             for name, fn in cases.items():

@@ -33,7 +33,8 @@ def worker(loops: int, batch: int, distinct: int) -> None:
 
     import sleepzoo
     from sleepzoo.config import load_recipe
-    from sleepzoo.train import batch_seed, build, build_optimizers
+    from sleepzoo.optim import build_optimizers
+    from sleepzoo.train import batch_seed, build
 
     torch.set_num_threads(1)
     recipe = load_recipe(str(RECIPE), [f"sleep.loops={loops}", f"train.batch_size={batch}"])

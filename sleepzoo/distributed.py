@@ -10,17 +10,25 @@ Who does what (see sleepzoo.train): every rank builds the same model from the sa
 seeded global batch and trains on its own contiguous slice of it (:func:`shard_bounds`); rank 0 alone writes
 the run directory, logs, checkpoints and evaluates, through :func:`on_main`, which hands its result (or its
 error) to the other ranks so that none of them waits forever for a rank that failed.
+
+The model under several processes: :func:`replicate` wraps it in DDP (``train.parallel: ddp``, once per
+stage), :func:`shard` shards it with FSDP2 (``fsdp``, block by block); :class:`PlainTwin` keeps a plain
+one-process copy of a sharded model, so that checkpoints are written and read in the plain format.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from .config import TrainConfig
+from .optim import build_optimizers
 from .registry import SleepzooError
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -178,3 +186,114 @@ def shard_bounds(total: int, world: int, index: int) -> tuple[int, int]:
                             f"every process needs at least one example: use train.batch_size >= {world} "
                             f"or fewer processes (torchrun --nproc_per_node)")
     return index * total // world, (index + 1) * total // world
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model under DDP and FSDP2
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """FSDP's units of sharding: the model's ``shard_units()`` (every distinct block once, registered under the
+    model: for Ouro the loop body, not its shared step), else ``model.layers`` or ``model.model.layers``."""
+    if hasattr(model, "shard_units"):
+        return list(model.shard_units())
+    for owner in (model, getattr(model, "model", None)):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return list(layers)
+    return []
+
+
+def shard(model: nn.Module, device: torch.device, source: str) -> nn.Module:
+    """FSDP2: shard every block, then the rest (embedding, norms, head) as the root; in place."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise SleepzooError(f"{source}: train.parallel: 'fsdp' needs torch.distributed.fsdp.fully_shard "
+                            f"(torch >= 2.6), which this torch ({torch.__version__}) lacks; use "
+                            f"train.parallel=ddp") from None
+    try:
+        for block in fsdp_units(model):
+            fully_shard(block)
+        fully_shard(model)
+    except Exception as exc:
+        raise SleepzooError(f"{source}: train.parallel: 'fsdp' could not shard {type(model).__name__} on "
+                            f"{device.type} ({type(exc).__name__}: {exc}); use train.parallel=ddp") from exc
+    return model
+
+
+def replicate(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over the parameters the current stage trains (built per stage: DDP fixes its set at construction).
+
+    ``find_unused_parameters``: a trained parameter need not take part in every forward (an early-exit
+    gate, a block a loop range skips); DDP then still finishes the step instead of waiting for it.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def first_names(model: nn.Module) -> dict[int, str]:
+    """Each parameter's first name in ``model.named_parameters()``, by ``id``."""
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+class PlainTwin:
+    """A one-process copy of an FSDP-sharded model with its optimizers, to save and load checkpoints in
+    the plain format (full tensors, no sharding): a K-process FSDP run resumes on one process with DDP or
+    none, and the other way round. Holds a full copy of the weights (and, while saving or loading, of the
+    optimizer states) in CPU memory."""
+
+    def __init__(self, model: nn.Module):
+        self.model = copy.deepcopy(model).to("cpu")  # taken before sharding
+
+    def follow(self, stage_params: set[str], cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+        """Freeze what the stage freezes and build the stage's optimizers over the copy (same order)."""
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name in stage_params)
+        self.optimizers = build_optimizers(self.model, cfg)
+        names = first_names(self.model)
+        # per optimizer, its parameters' names in the order of its state dict's indices (groups concatenated)
+        self.order = [[names[id(p)] for group in opt.param_groups for p in group["params"]]
+                      for opt in self.optimizers]
+        return self.optimizers
+
+    def gather(self, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Collective: the sharded model's full weights and optimizer states into the copy."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=full)
+        states = [get_optimizer_state_dict(model, opt, options=full) for opt in optimizers]
+        if not is_main():
+            return
+        self.model.load_state_dict(weights, strict=False)  # a tied weight may be listed under one name
+        for twin, state in zip(self.optimizers, states):
+            names = [n for group in state["param_groups"] for n in group["params"]]
+            index = {n: i for i, n in enumerate(names)}
+            twin.load_state_dict({
+                "state": {index[n]: v for n, v in state["state"].items()},
+                "param_groups": [{**group, "params": [index[n] for n in group["params"]]}
+                                 for group in state["param_groups"]]})
+
+    def scatter(self, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+        """The copy's weights and optimizer states (every rank loaded them) into the sharded model."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, self.model.state_dict(), options=full)
+        for twin, opt, names in zip(self.optimizers, optimizers, self.order):
+            state = twin.state_dict()  # indices count this optimizer's parameters only
+            set_optimizer_state_dict(model, opt, {
+                "state": {names[i]: v for i, v in state["state"].items()},
+                "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                 for group in state["param_groups"]]}, options=full)

@@ -349,7 +349,7 @@ def plot_loss_by_position(curves: dict[str, dict[str, Any]], path: str | Path, *
 
 #: Settings that never make two runs different experiments (how fast or how often, not what).
 BOOKKEEPING = ("train.threads", "train.device", "train.log_every", "train.checkpoint_every",
-               "train.keep_checkpoints", "eval.every", "eval.batch_size")
+               "train.keep_checkpoints", "train.loggers", "train.wandb_project", "eval.every", "eval.batch_size")
 #: Row settings and counters that are not metrics.
 NOT_METRICS = ("step", "loops", "window", "num_examples", "num_targets", "train_time_s", "split")
 _MISSING = object()

@@ -38,7 +38,8 @@ from .config import Recipe, RecipeError, load_recipe
 from .registry import SleepzooError
 from .report import read_row
 from .runlock import LOCK_NAME, RunLock, lock_holder  # noqa: F401  (RunLock: part of this module's API)
-from .train import recipe_diff, train
+from .rundir import recipe_diff
+from .train import train
 
 _OPEN = "[{("
 _CLOSE = "]})"

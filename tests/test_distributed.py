@@ -25,7 +25,8 @@ from sleepzoo import distributed
 from sleepzoo.checkpoint import list_checkpoints
 from sleepzoo.config import RecipeError, load_recipe
 from sleepzoo.registry import SleepzooError
-from sleepzoo.train import Precision, train
+from sleepzoo.precision import Precision
+from sleepzoo.train import train
 
 TIMING = ("tokens_per_s", "elapsed_s", "train_time_s")
 LOSS_RTOL = 1e-5

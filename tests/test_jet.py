@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from sleepzoo import SleepzooError, registry
 from sleepzoo.mixers import evict_state
-from sleepzoo.mixers.jet import JetBlock, dynamic_causal_conv
+from sleepzoo.mixers.jet import JetBlock
+from sleepzoo.mixers.parts import dynamic_causal_conv
 
 # Jet-Nemotron-2B's JetBlock (reference/jet-nemotron-2b.config.json): hidden 1536, efficient_attention_config.jet
 REAL = dict(num_heads=12, head_dim=96, expand_v=2.6666666667, conv_size=4, dconv_generator_reduction=8)

@@ -178,7 +178,7 @@ def test_gated_deltanet_bad_sizes():
 def test_causal_depthwise_conv_matches_a_tap_loop(T, history):
     """The sum over taps (one-token decoding, and the hand-written backward of longer inputs) equals the
     definition written as a loop, values and gradients (of x, the weight and the history), in float64."""
-    from sleepzoo.mixers.gated_deltanet import causal_depthwise_conv
+    from sleepzoo.mixers.parts import causal_depthwise_conv
 
     gen = torch.Generator().manual_seed(T)
     B, C, W = 2, 5, 4
@@ -207,7 +207,7 @@ def test_causal_depthwise_conv_matches_a_tap_loop(T, history):
 
 def test_tap_conv_gradcheck_and_low_precision_accumulates_in_float32():
     """The hand-written backward passes gradcheck; bf16 inputs are summed in float32 and rounded once."""
-    from sleepzoo.mixers.gated_deltanet import _TapConv, causal_depthwise_conv
+    from sleepzoo.mixers.parts import _TapConv, causal_depthwise_conv
 
     gen = torch.Generator().manual_seed(0)
     seq = torch.randn(2, 9, 3, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -20,7 +20,8 @@ import sleepzoo
 from sleepzoo import registry
 from sleepzoo.checkpoint import latest_checkpoint, list_checkpoints
 from sleepzoo.config import RecipeError, load_recipe
-from sleepzoo.train import WarmupStableDecay, batch_seed, build, load_run, select_parameters, train
+from sleepzoo.optim import WarmupStableDecay, select_parameters
+from sleepzoo.train import batch_seed, build, load_run, train
 
 
 class SleepRecordingLM(ToyLM):

@@ -21,8 +21,8 @@ from sleepzoo.checkpoint import (CheckpointError, latest_checkpoint, list_checkp
                                  load_weights, save_checkpoint, save_weights)
 from sleepzoo.config import ModelConfig, SleepConfig, TrainConfig, load_recipe
 from sleepzoo.registry import SleepzooError
-from sleepzoo.train import (WarmupStableDecay, batch_seed, build_optimizers, build_schedulers, split_parameters,
-                            train)
+from sleepzoo.optim import WarmupStableDecay, build_optimizers, build_schedulers, split_parameters
+from sleepzoo.train import batch_seed, train
 
 TIMING = ("tokens_per_s", "elapsed_s", "train_time_s")
 

@@ -450,7 +450,8 @@ STUDY = {
 
 
 def _study_cases(s: dict) -> list[Case]:
-    from ..train import batch_seed, build, build_optimizers  # the trainer's own pieces
+    from ..optim import build_optimizers  # the trainer's own pieces
+    from ..train import batch_seed, build
 
     B, dev = s["B"], s["device"]
     cases = []

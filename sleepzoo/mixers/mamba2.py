@@ -17,28 +17,7 @@ from torch import Tensor, nn
 from .. import registry
 from ..registry import SleepzooError
 from . import MixerState
-from .gated_deltanet import causal_depthwise_conv, decay_parameters
-
-
-class RMSNormGated(nn.Module):
-    """``RMSNorm(x * silu(z)) * weight`` (mamba_ssm's RMSNormGated with ``norm_before_gate=False``), the mean
-    square taken over groups of ``group_size`` consecutive channels (the whole width when ``group_size`` is
-    None)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5, group_size: int | None = None):
-        super().__init__()
-        self.eps = eps
-        self.group_size = dim if group_size is None else group_size
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
-        dtype = x.dtype
-        xf = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-        if z is not None:
-            xf = xf * F.silu(z.to(xf.dtype))
-        grouped = xf.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
-        normed = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.flatten(-2).to(dtype) * self.weight
+from .parts import RMSNorm, ShortConvolution, decay_parameters, evict_conv_caches
 
 
 class Mamba2(nn.Module):
@@ -112,12 +91,12 @@ class Mamba2(nn.Module):
         self.rule = registry.get("rule", rule)
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * num_groups * state_size + num_heads, bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_size, groups=self.conv_dim, bias=True)
+        self.conv1d = ShortConvolution(self.conv_dim, conv_size, bias=True)
         # Initialisation as in mamba_ssm: A ~ U(1, 16), dt log-uniform in [1e-3, 0.1] (softplus^-1), D = 1.
         self.A_log, self.dt_bias = decay_parameters(num_heads, a_min=1.0)
         self.D = nn.Parameter(torch.ones(num_heads))
         self.D._no_weight_decay = True
-        self.norm = RMSNormGated(self.d_inner, eps=norm_eps, group_size=self.d_inner // num_groups)
+        self.norm = RMSNorm(self.d_inner, eps=norm_eps, group_size=self.d_inner // num_groups, gate_first=True)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
     def forward(self, u: Tensor, state: MixerState = None, *, span: int | None = None) -> tuple[Tensor, MixerState]:
@@ -127,8 +106,8 @@ class Mamba2(nn.Module):
         z, xbc, dt = self.in_proj(u).split([E, self.conv_dim, H], dim=-1)
         # The conv history is a cache (SPEC 1): empty in a fresh window and in every pass of hard eviction.
         history = None if state is None else state.get("conv_xbc")
-        xbc, conv_xbc = causal_depthwise_conv(xbc, self.conv1d.weight, history)
-        xbc = F.silu(xbc + self.conv1d.bias)
+        xbc, conv_xbc = self.conv1d(xbc, history)
+        xbc = F.silu(xbc)
         x, Bk, Cq = xbc.split([E, G * N, G * N], dim=-1)
         x = x.view(Bsz, T, H, P)  # (B, T, H, P)
         Bk = Bk.view(Bsz, T, G, N).repeat_interleave(H // G, dim=2)  # (B, T, H, N): head h reads group h // (H/G)
@@ -147,11 +126,4 @@ class Mamba2(nn.Module):
         out = self.out_proj(self.norm(y.reshape(Bsz, T, E), z))
         return out, {"fast_weights": S, "conv_xbc": conv_xbc}
 
-    def evict(self, state: MixerState, retain: int) -> MixerState:
-        """Keep S; keep the conv history only while tokens are retained (it never exceeds W - 1 tokens)."""
-        if state is None:
-            return None
-        keep = {"fast_weights": state["fast_weights"]}
-        if retain > 0 and "conv_xbc" in state:
-            keep["conv_xbc"] = state["conv_xbc"][:, -retain:]
-        return keep
+    evict = evict_conv_caches
