@@ -139,6 +139,11 @@ class TrainConfig:
     # Mixed precision of the training forward pass: "none" (float32), "bf16" (torch.autocast to bfloat16,
     # CPU or CUDA) or "fp16" (float16 autocast with a GradScaler, CUDA only). The loss stays float32.
     autocast: str = "none"
+    # Where metrics go (see sleepzoo.loggers): metrics.jsonl always (the source of truth for resume and
+    # compare, so "jsonl" is implied), plus "tensorboard" (RUN_DIR/tensorboard/) and "wandb" (RUN_DIR/wandb/,
+    # offline without an API key or a network), each an optional package. Rank 0 logs.
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    wandb_project: str | None = None  # the W&B project; null: $WANDB_PROJECT, else "sleepzoo"
 
 
 @dataclass
@@ -176,10 +181,11 @@ class StageConfig:
 # Train settings that belong to the run, not to a stage: the data order and model init (seed), the step
 # count (a stage has its own), and bookkeeping that indexes global steps.
 RUN_WIDE_TRAIN = ("steps", "seed", "log_every", "checkpoint_every", "keep_checkpoints", "device", "threads",
-                  "parallel", "autocast")
+                  "parallel", "autocast", "loggers", "wandb_project")
 STAGE_KEYS = ("name", "steps", "sleep", "train")
 PARALLEL = ("ddp", "fsdp")  # train.parallel
 AUTOCAST = ("none", "bf16", "fp16")  # train.autocast
+LOGGERS = ("jsonl", "tensorboard", "wandb")  # train.loggers
 
 
 @dataclass
@@ -596,6 +602,11 @@ def _check_values(r: Recipe, where: str) -> None:
     need(_is_device(r.train.device), "train.device", r.train.device, "give a torch device: cpu, cuda, cuda:N, ...")
     need(r.train.parallel in PARALLEL, "train.parallel", r.train.parallel, f"allowed: {', '.join(PARALLEL)}")
     need(r.train.autocast in AUTOCAST, "train.autocast", r.train.autocast, f"allowed: {', '.join(AUTOCAST)}")
+    for name in r.train.loggers:
+        close = difflib.get_close_matches(str(name), LOGGERS, n=1, cutoff=0.6)
+        need(name in LOGGERS, "train.loggers", name, (f"did you mean {close[0]!r}? " if close else "")
+             + f"allowed: {', '.join(LOGGERS)} (metrics.jsonl is written either way)")
+    need(len(set(r.train.loggers)) == len(r.train.loggers), "train.loggers", r.train.loggers, "list each logger once")
     need(len(r.train.betas) == 2, "train.betas", r.train.betas, "give two numbers, e.g. [0.9, 0.95]")
     need(r.train.trainable is None or len(r.train.trainable) >= 1, "train.trainable", r.train.trainable,
          "give at least one pattern (null trains every parameter)")

@@ -26,12 +26,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..config import RecipeError, SleepConfig
 from ..mixers.attention import Attention
 from ..mixers.jet import JetBlock
+from ..mixers.parts import RMSNorm
 from ..registry import SleepzooError
 from ..rules import RuleError, check_loop_range
 from .base import Block, SleepModel, read_config_json
@@ -90,18 +90,6 @@ HARMLESS = ("architectures", "auto_map", "transformers_version", "use_cache", "b
 JET_FIELDS = {"num_heads", "head_dim", "expand_v", "conv_size", "dconv_generator_reduction", "norm_eps"}
 JET_HARMLESS = {"dconv_implementation", "mode"}  # kernel choices (triton / chunk) of the published code
 SWA_FIELDS = {"window_size"}
-
-
-class RMSNorm(nn.RMSNorm):
-    """Qwen2's RMSNorm: normalise in float32, scale, cast back (parameter ``weight``, as nn.RMSNorm).
-
-    The published model computes the norm in float32 whatever the weights' dtype; doing the same keeps a
-    bfloat16 model close to it."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf).to(x.dtype)
 
 
 def _fail(where: str, msg: str) -> SleepzooError:
@@ -247,12 +235,12 @@ class JetNemotronLM(SleepModel):
         blocks = []
         for i, kind in enumerate(s["layer_types"]):
             block = Block(d, self._mixer(kind, i), s["intermediate_size"], s["rms_norm_eps"])
-            # float32 norms as published (same parameter names and shapes as nn.RMSNorm)
-            block.input_layernorm = RMSNorm(d, eps=s["rms_norm_eps"])
-            block.post_attention_layernorm = RMSNorm(d, eps=s["rms_norm_eps"])
+            # Qwen2's norms, in float32 as published (same parameter names and shapes as nn.RMSNorm)
+            block.input_layernorm = RMSNorm(d, eps=s["rms_norm_eps"], float32=True)
+            block.post_attention_layernorm = RMSNorm(d, eps=s["rms_norm_eps"], float32=True)
             blocks.append(block)
         self.model.layers = nn.ModuleList(blocks)
-        self.model.norm = RMSNorm(d, eps=s["rms_norm_eps"])
+        self.model.norm = RMSNorm(d, eps=s["rms_norm_eps"], float32=True)
         self.lm_head = nn.Linear(d, s["vocab_size"], bias=False)
         lo, hi = default_loop_range(n) if loop_range is None else tuple(loop_range)
         try:
