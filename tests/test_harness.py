@@ -224,6 +224,18 @@ def test_bad_model_args_are_one_clear_error(folder, args, words):
     assert "\n" not in message and all(w in message for w in words), message
 
 
+def test_model_args_win_over_the_harness_options(folder, capsys):
+    """The command line always passes --batch_size and --device (cuda:0 by default): model_args' values hold."""
+    lm = SleepzooLM.create_from_arg_string(f"pretrained={folder},batch_size=3,device=cpu",
+                                           {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"})
+    assert lm.batch_size == 3 and lm.device == torch.device("cpu")
+    lm = SleepzooLM.create_from_arg_string(f"pretrained={folder}", {"batch_size": "4", "device": "cpu"})
+    assert lm.batch_size == 4 and lm.device == torch.device("cpu")
+    if not torch.cuda.is_available():  # the harness's default device on a machine without one: cpu, said once
+        lm = SleepzooLM.create_from_arg_string(f"pretrained={folder}", {"device": "cuda:0"})
+        assert lm.device == torch.device("cpu") and "CUDA is not available" in capsys.readouterr().err
+
+
 def test_bad_generation_kwargs_are_one_clear_error(folder):
     lm = SleepzooLM(pretrained=str(folder), device="cpu", **SLEEP)
     with pytest.raises(SleepzooError, match="repetition_penalty not supported.*until, max_gen_toks"):
