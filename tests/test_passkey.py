@@ -76,9 +76,13 @@ def test_depth_is_measured_in_tokens(task, batch):
         seen.add((pct, length))
     assert seen == {(p, n) for p in (0, 30, 100) for n in (120, 160)}
     # depth 1: the needle ends right where the question starts; depth 0: it opens the example
+    needle_len = len(ids(" The pass key is 00000. Remember it. "))
     i = batch["depth_pct"].tolist().index(100)
-    row, length = batch["input_ids"][i].tolist(), int(batch["length"][i])
-    assert find(row, ids(QUESTION))[0] == int(batch["needle_start"][i]) + len(ids(" The pass key is 00000. Remember it. "))
+    row = batch["input_ids"][i].tolist()
+    assert find(row, ids(QUESTION))[0] == int(batch["needle_start"][i]) + needle_len
+    i = batch["depth_pct"].tolist().index(0)
+    key = int(batch["key"][i])
+    assert batch["input_ids"][i, :needle_len].tolist() == ids(f" The pass key is {key:05d}. Remember it. ")
 
 
 def test_builtin_filler_is_the_repeated_sentences(task, batch):
