@@ -15,7 +15,8 @@ which registers it, and then run the harness's own command line with the same ar
 
 Every request is read through the sleep stream (:class:`sleepzoo.engine.Stream`), exactly as streaming
 inference reads it: the window fills, the model sleeps (``loops`` passes) and evicts, so a context of any
-length is consumed window by window in bounded memory; the head's scores are taken one window at a time.
+length is consumed window by window in bounded memory; the head's scores are taken one piece (at most a
+window, :data:`SCORE_PIECE` tokens) at a time, and the log-softmax only where a token is scored.
 
 * ``loglikelihood``: context + continuation streamed; the sum of the continuation tokens' log-probabilities
   and whether each was the argmax (``is_greedy``).
@@ -61,6 +62,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 EOT_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[EOS]", "<|eot_id|>")
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k")
 DEFAULT_MAX_GEN_TOKS = 256
+#: Tokens fed to the stream at a time (at most a window): bounds the (batch, tokens, vocab) scores of one feed,
+#: e.g. 8 x 512 x 151,936 for Jet-Nemotron; feeding a window in pieces gives the same scores as in one.
+SCORE_PIECE = 512
 
 
 def _missing() -> MissingDependencyError:
@@ -331,17 +335,21 @@ class SleepzooLM(TemplateLM):  # type: ignore[misc, valid-type]
         stream = self.new_stream()
         logprob = torch.zeros(len(rows), dtype=torch.float64, device=self._device)
         greedy = torch.ones(len(rows), dtype=torch.bool, device=self._device)
-        piece = stream.policy.chunk  # one window at a time: the head's scores never exceed (B, window, vocab)
+        piece = min(stream.policy.chunk, SCORE_PIECE)  # the head's scores never exceed (B, piece, vocab)
         for s in range(0, width, piece):
             logits = stream.feed(inputs[:, s:s + piece])  # (B, t, vocab)
             tgt = targets[:, s:s + piece]
             mask = tgt != -100
             if not bool(mask.any()):
                 continue
-            scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-            lp = scores.log_softmax(dim=-1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0]  # (B, t)
-            logprob += torch.where(mask, lp, torch.zeros_like(lp)).double().sum(dim=1)
-            greedy &= ((scores.argmax(dim=-1) == tgt) | ~mask).all(dim=1)
+            picked = logits[mask]  # (n, vocab): the positions that predict a scored token
+            if picked.dtype in (torch.float16, torch.bfloat16):
+                picked = picked.float()
+            want = tgt[mask]  # (n,)
+            lp = picked.log_softmax(dim=-1).gather(-1, want[:, None])[:, 0]  # (n,)
+            row = mask.nonzero()[:, 0]  # (n,) the batch row of each
+            logprob.index_add_(0, row, lp.double())
+            greedy[row[picked.argmax(dim=-1) != want]] = False
         return [(float(lp), bool(g)) for lp, g in zip(logprob.cpu(), greedy.cpu())]
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list:
@@ -392,8 +400,8 @@ class SleepzooLM(TemplateLM):  # type: ignore[misc, valid-type]
             ids = ids[-max(1, self.max_length_limit - kw["max_gen_toks"]):]
         prompt = torch.tensor([ids], dtype=torch.long, device=self._device)  # (1, T)
         stream = self.new_stream()
-        piece = stream.policy.chunk
-        for s in range(0, prompt.shape[1], piece):  # window by window: only the last logits are kept
+        piece = min(stream.policy.chunk, SCORE_PIECE)
+        for s in range(0, prompt.shape[1], piece):  # piece by piece: only the last logits are kept
             logits = stream.feed(prompt[:, s:s + piece])[:, -1]  # (1, vocab)
         generated: list[int] = []
         text = ""

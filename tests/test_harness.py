@@ -118,6 +118,23 @@ def test_loglikelihood_is_the_continuation_log_softmax_sum_of_the_engine_forward
     assert abs(ll1 - got[3][0]) > 1e-3
 
 
+def test_windows_fed_in_pieces_score_the_same(folder, monkeypatch):
+    """Long windows are fed SCORE_PIECE tokens at a time (bounded (batch, piece, vocab) scores): same values."""
+    import sleepzoo.harness as harness
+
+    monkeypatch.setattr(harness, "SCORE_PIECE", 2)
+    lm = SleepzooLM(pretrained=str(folder), dtype="float64", device="cpu", batch_size=2, **SLEEP)
+    model = reference(folder)
+    for (ctx, cont), (ll, _) in zip(PAIRS, lm.loglikelihood(requests(*PAIRS), disable_tqdm=True)):
+        k = encode(cont)
+        lp, _ = direct_logprobs(model, encode(ctx) + k, **SLEEP)
+        assert ll == pytest.approx(float(lp[-len(k):].sum()), rel=1e-10, abs=1e-10)
+    ctx = "the cat sat on the mat . Q : is the cat red ? A :"
+    full = greedy_text(model, folder, ctx, 5)
+    stop = first_stop(full, ["<|endoftext|>"])
+    assert lm.generate_one(ctx, {"max_gen_toks": 5}) == (full if stop is None else full[:stop])
+
+
 def test_greedy_flag_is_true_for_the_models_own_greedy_continuation(folder):
     lm = SleepzooLM(pretrained=str(folder), dtype="float64", device="cpu", **SLEEP)
     ctx = encode("the cat sat on the mat .")
