@@ -167,6 +167,9 @@ def test_rolling_loglikelihood_is_the_whole_document_through_the_stream(folder):
     for doc, ll in zip(docs, got):
         lp, _ = direct_logprobs(model, [eot] + encode(doc), **SLEEP)
         assert ll == pytest.approx(float(lp.sum()), rel=1e-10)
+    # an empty context is the end-of-text token, as for a rolling document
+    (ll, _), = lm.loglikelihood(requests(("", docs[0])), disable_tqdm=True)
+    assert ll == pytest.approx(got[0], rel=1e-10)
 
 
 def greedy_text(model, folder: Path, ctx: str, n: int) -> str:
