@@ -104,19 +104,99 @@ def train_command(recipe: str, overrides: tuple[str, ...], out_dir: str | None, 
     console.print(f"wrote {out}")
 
 
+def _parse_loop_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list | None:
+    """``4`` or ``1,2,4,8,auto``: loop counts (integers >= 1) and ``auto`` (adaptive sleep), in order, once each."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    out: list = []
+    for item in items:
+        if item == "auto":
+            out.append(item)
+        elif item.isdigit() and int(item) >= 1:
+            out.append(int(item))
+        else:
+            raise click.BadParameter(f"{item!r} is not a loop count: give integers >= 1 and/or auto, comma "
+                                     f"separated (e.g. 1,2,4,8,auto)")
+    if not out:
+        raise click.BadParameter("give at least one loop count, e.g. 4 or 1,2,4,auto")
+    return list(dict.fromkeys(out))
+
+
+def _one_loop_setting(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
+    """One loop count, or auto."""
+    parsed = _parse_loop_list(ctx, param, value)
+    if parsed is not None and len(parsed) != 1:
+        raise click.BadParameter(f"{value!r}: give one loop count or auto (a sweep is `sleepzoo eval --loops`)")
+    return None if parsed is None else parsed[0]
+
+
+def _parse_tolerances(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        out = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give numbers >= 0, comma separated (e.g. 0.3,0.1)") from None
+    if not out or any(not (0 <= t < float("inf")) for t in out):
+        raise click.BadParameter(f"{value!r}: give numbers >= 0, comma separated (e.g. 0.3,0.1)")
+    return list(dict.fromkeys(out))
+
+
 @main.command("eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--num-examples", type=int, help="Test examples [default: the recipe's eval.num_examples].")
-@click.option("--loops", type=int, help="Sleep passes per window [default: the recipe's sleep.loops].")
+@click.option("--loops", callback=_parse_loop_list,
+              help="Sleep passes per window, or auto (adaptive sleep); several, comma separated, for a sweep: "
+                   "1,2,4,8,auto [default: the recipe's sleep.loops].")
+@click.option("--max-loops", type=int, help="loops auto: the most passes per window [default: the recipe's, or 8].")
+@click.option("--tolerance", callback=_parse_tolerances,
+              help="loops auto: stop when the fast weights change by less than this; several, comma separated, "
+                   "trace the adaptive curve [default: the recipe's, or 0.01].")
 @click.option("--window", type=int, help="Window length L [default: the recipe's sleep.window].")
-def eval_command(run_dir: str, num_examples: int | None, loops: int | None, window: int | None) -> None:
+def eval_command(run_dir: str, num_examples: int | None, loops: list | None, max_loops: int | None,
+                 tolerance: list[float] | None, window: int | None) -> None:
     """Evaluate the newest weights of RUN_DIR on the task's test split; print and save the metrics.
 
     Writes eval.json (metrics, and per-bucket metrics for tasks with buckets such as a hop count k) and
     eval.png (metric vs bucket; the headline metrics for a task without buckets). Other --loops/--window
     than the run's own go to eval-loops{N}-window{L}.json/.png, keeping the training result.
-    """
-    result, path = evaluate_run(run_dir, num_examples=num_examples, loops=loops, window=window)
+
+    Several settings (--loops 1,2,4,8,auto, and/or several --tolerance values) are a test-time sweep: each
+    is evaluated and saved as above, then one table of accuracy against the sleep passes used is printed and
+    eval-sweep.json / eval-sweep.png (accuracy against mean passes) are written."""
+    if loops is None:  # the recipe's own loops (adaptive or not: evaluate_run refuses bounds without auto)
+        settings = [(None, t) for t in tolerance or [None]]
+    else:
+        if tolerance and "auto" not in loops:
+            raise click.BadParameter("--tolerance goes with --loops auto (adaptive sleep)", param_hint="--tolerance")
+        settings = [(n, None) for n in loops if n != "auto"]
+        settings += [("auto", t) for t in tolerance or [None]] if "auto" in loops else []
+    if len(settings) == 1:
+        (n, tol), = settings
+        result, path = evaluate_run(run_dir, num_examples=num_examples, loops=n, window=window,
+                                    max_loops=max_loops, tolerance=tol)
+        _print_evaluation(run_dir, result, path)
+        return
+    rows = []
+    for n, tol in settings:
+        result, path = evaluate_run(run_dir, num_examples=num_examples, loops=n, window=window,
+                                    max_loops=max_loops, tolerance=tol)
+        rows.append({**result, "label": report.loops_label(result["loops"], result.get("tolerance"))})
+        click.echo(f"loops {rows[-1]['label']}: passes {report.format_value(result.get('passes_mean'))} "
+                   f"({report.format_value(result.get('passes_hist'))}), exact acc "
+                   f"{report.format_value(result.get('exact_accuracy'))}" + (f" -> {path}" if path else ""))
+    console = Console()
+    console.print(report.loops_table(rows, title=f"{run_dir}: accuracy against sleep passes"))
+    if path is None:
+        return
+    out = Path(run_dir) / "eval-sweep.json"
+    atomic_write_json(out, {"rows": rows})
+    png = report.plot_loops(rows, out.with_suffix(".png"), title=f"{Path(run_dir).name}: step {rows[0].get('step')}")
+    console.print(f"wrote {out} and {png}")
+
+
+def _print_evaluation(run_dir: str, result: dict, path: Path | None) -> None:
     console = Console()
     console.print(report.metrics_table(result, title=f"evaluation of {run_dir}"))
     per_bucket = report.buckets_table(result, title="per bucket")
@@ -141,7 +221,8 @@ def _token(vocab: Sequence[str], i: int) -> str:
                                "just before their first answer].")
 @click.option("-n", "num_prompts", type=int, default=2, show_default=True, help="Test examples to prompt with.")
 @click.option("--max-new-tokens", type=int, default=8, show_default=True)
-@click.option("--loops", type=int, help="Sleep passes per window [default: the recipe's sleep.loops].")
+@click.option("--loops", callback=_one_loop_setting,
+              help="Sleep passes per window, or auto (adaptive) [default: the recipe's sleep.loops].")
 @click.option("--window", type=int, help="Window length L [default: the recipe's sleep.window].")
 @click.option("--eviction", help="Eviction policy [default: the recipe's sleep.eviction].")
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
@@ -205,7 +286,9 @@ def generate_command(run_dir: str, prompt: str | None, num_prompts: int, max_new
         from .memory import save_stream
 
         save_stream(stream, memory_file)
-        click.echo(f"saved the memory to {memory_file}: {stream.tokens} tokens, {stream.sleeps} sleeps")
+        passes = stream.pass_summary()
+        used = f" (passes per sleep: mean {passes['passes_mean']:.2f})" if passes["passes_mean"] is not None else ""
+        click.echo(f"saved the memory to {memory_file}: {stream.tokens} tokens, {stream.sleeps} sleeps{used}")
 
 
 @main.group("memory")
@@ -229,6 +312,9 @@ def memory_show(file: str, as_json: bool) -> None:
     click.echo(f"  stream: {info['tokens']} tokens seen, {info['filled']} in the current window, "
                f"{info['sleeps']} sleeps, batch {info['batch']}")
     click.echo("  settings: " + ", ".join(f"{k} {v}" for k, v in s.items()))
+    passes = info.get("passes") or {}
+    if passes.get("passes_mean") is not None:
+        click.echo(f"  passes per sleep: mean {passes['passes_mean']:.2f} ({report.format_value(passes['passes_hist'])})")
     click.echo(f"  model: {info['model']['class']} (config {info['model']['config'][:12]}, "
                f"weights {info['model']['weights'][:12]})")
     for kind, n in sorted(info["tensor_bytes"].items()):
@@ -249,11 +335,11 @@ def memory_show(file: str, as_json: bool) -> None:
                                        "[default: one model.safetensors].")
 @click.option("--force", is_flag=True, help="Write into a DST folder that already holds files.")
 def convert_command(src: str, dst: str, dtype: str | None, max_shard_size: str | None, force: bool) -> None:
-    """Write SRC as a Hugging Face-style folder DST (config.json + safetensors) that
-    sleepzoo.from_pretrained loads with the same logits.
+    """Write SRC as a Hugging Face-style folder DST (config.json + safetensors, and sleepzoo.json for
+    sleepzoo's own settings) that sleepzoo.from_pretrained loads with the same logits.
 
     SRC is a run directory of a jet_nemotron or ouro recipe (its newest weights, the last stage's sleep
-    settings recorded under config.json's "sleepzoo" key) or a Hugging Face folder (re-saved, e.g. with
+    settings recorded in sleepzoo.json beside the published config.json) or a Hugging Face folder (re-saved, e.g. with
     --dtype bfloat16 or --max-shard-size). Tokenizer and licence files are copied along. See docs/pretrained.md.
     """
     from .convert import convert
@@ -264,7 +350,7 @@ def convert_command(src: str, dst: str, dtype: str | None, max_shard_size: str |
     click.echo(f"converted {what} -> {dst}: {summary['parameters']:,} parameters in {summary['dtype']}, "
                f"{sum(f.endswith('.safetensors') for f in summary['files'])} safetensors file(s)")
     if summary["sleepzoo"]:
-        click.echo(f"  sleepzoo settings in config.json: {json.dumps(summary['sleepzoo'])}")
+        click.echo(f"  sleepzoo settings in sleepzoo.json: {json.dumps(summary['sleepzoo'])}")
     click.echo(f"  copied: {', '.join(summary['copied'])}" if summary["copied"] else
                "  no tokenizer files copied (none found next to the source)")
 

@@ -84,7 +84,9 @@ class SleepConfig:
     """``sleep:`` section: how a sequence is cut into windows and consolidated."""
 
     window: int = 24  # L: tokens per window; the attention cache never holds more
-    loops: int = 1  # N: passes over a window before it is evicted (1 = the plain hybrid)
+    loops: int | str = 1  # N: passes over a window before it is evicted (1 = the plain hybrid); "auto": adaptive
+    max_loops: int | None = None  # loops: auto: the most passes a window may take (null: 8)
+    tolerance: float | None = None  # loops: auto: a sequence stops when its fast weights change less (null: 0.01)
     eviction: str = "full_flush"  # what survives a sleep (kind `eviction`): full_flush, sliding_window
     sleep_every: int | None = None  # sliding_window: new tokens between sleeps (default: the window)
     checkpoint: bool = False  # activation checkpointing per pass over a window (recompute in backward)
@@ -473,7 +475,10 @@ BOUNDS: dict[str, Bound] = {
     "model.wake_passes": Bound(1, note="loop steps of the wake pass; null: the config's total_ut_steps"),
     "model.sleep_layers": Bound(0, note="loop-body layer indices"),
     "sleep.window": Bound(1, note="tokens per window"),
-    "sleep.loops": Bound(1, note="passes over a window; 1 = no sleep, the plain hybrid"),
+    "sleep.loops": Bound(1, note="passes over a window; 1 = no sleep, the plain hybrid; or auto"),
+    "sleep.max_loops": Bound(1, note="loops: auto: the most passes over a window"),
+    "sleep.tolerance": Bound(0, note="loops: auto: the relative change of the fast weights under which a "
+                                     "sequence stops sleeping; 0: never stop"),
     "sleep.sleep_every": Bound(1, note="new tokens between sleeps; null: sleep every window"),
     "sleep.truncate": Bound(1, note="windows after which fast weights pass no gradient; null: full BPTT"),
     "train.steps": Bound(0),
@@ -525,17 +530,6 @@ def check_mixer_options(cls: Any, options: Any, where: str) -> dict:
     return kwargs
 
 
-def check_bounds(section: str, settings: Any, where: str) -> None:
-    """Every numeric field of ``settings`` (a section's dataclass) within its :data:`BOUNDS` entry."""
-    for f in dataclasses.fields(settings):
-        bound = BOUNDS.get(f"{section}.{f.name}")
-        value = getattr(settings, f.name)
-        if bound is None or value is None:
-            continue
-        for i, x in enumerate(value) if isinstance(value, list) else [(None, value)]:
-            if not bound.allows(x):
-                name = f"{section}.{f.name}" + ("" if i is None else f"[{i}]")
-                raise RecipeError(f"{where}: {name}: {_short(x)} is not allowed; {bound}")
 # Fields of the model section that every builder receives in its own way: ``name`` chooses the builder, and
 # ``vocab_size`` (the recipe's, else the task's) reaches it as its ``vocab_size`` argument.
 MODEL_WIDE = ("name", "vocab_size")
@@ -572,6 +566,17 @@ def check_model_options(builder: Any, config: ModelConfig, where: str) -> dict[s
     return {name: getattr(config, name) for name in takes if hasattr(config, name)}
 
 
+def check_bounds(section: str, settings: Any, where: str) -> None:
+    """Every numeric field of ``settings`` (a section's dataclass) within its :data:`BOUNDS` entry."""
+    for f in dataclasses.fields(settings):
+        bound = BOUNDS.get(f"{section}.{f.name}")
+        value = getattr(settings, f.name)
+        if bound is None or value is None or isinstance(value, str):  # a word (loops: auto): checked by its rule
+            continue
+        for i, x in enumerate(value) if isinstance(value, list) else [(None, value)]:
+            if not bound.allows(x):
+                name = f"{section}.{f.name}" + ("" if i is None else f"[{i}]")
+                raise RecipeError(f"{where}: {name}: {_short(x)} is not allowed; {bound}")
 
 
 def _is_device(name: str) -> bool:
@@ -595,6 +600,7 @@ def _check_values(r: Recipe, where: str) -> None:
             check_bounds(section, getattr(r, section), where)
     _check_rule(lambda: rules.check_sleep_every(r.sleep.window, r.sleep.sleep_every, r.sleep.eviction),
                 "sleep", where)
+    _check_rule(lambda: rules.check_schedule(r.sleep.loops, r.sleep.max_loops, r.sleep.tolerance), "sleep", where)
     need(r.sleep.coda in ("sleep", "wake"), "sleep.coda", r.sleep.coda,
          "choose sleep (the coda runs after the last sleep pass, SPEC 1) or wake (it sees only the wake pass)")
     need(len(r.model.layers) >= 1, "model.layers", r.model.layers, "give at least one mixer name")

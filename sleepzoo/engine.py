@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from . import registry
+from . import registry, rules
 from .mixers import with_fast_weights
 from .registry import SleepzooError
 
@@ -58,6 +58,9 @@ class SleepOutput:
     num_targets: int
     states: list[Any]
     target_positions: Tensor | None = None  # (n, 2) (batch, position) of .logits under return_logits="targets"
+    # (B, windows slept) int64: passes each sequence used on each consolidated window (fixed loops: all equal
+    # to loops; loops="auto": between 1 and max_loops); (B, 0) when no window was consolidated
+    passes: Tensor | None = None
 
 
 def window_bounds(seq_len: int, chunk: int) -> list[tuple[int, int]]:
@@ -145,13 +148,23 @@ def wake(model: "SleepModel", ids: Tensor, states: Sequence[Any], span: int | No
 
 def consolidate(model: "SleepModel", feats: Tensor, states: Sequence[Any], start_states: Sequence[Any],
                 passes: int, span: int | None, checkpoint: bool = False, *, gate: bool = False,
-                pass_norm: bool = False, coda: str = "sleep") -> list:
+                pass_norm: bool = False, coda: str = "sleep", tolerance: float | None = None) -> tuple[list, Tensor]:
     """Sleep: passes 2..``passes`` of the looped blocks over a chunk whose wake pass produced ``feats``.
+    Returns (states, passes used per sequence (B,) int64; 1 = the wake pass only).
 
     Each pass reads the context the wake pass read (the caches of ``start_states``, from before the chunk)
     and continues the fast weights of the previous pass; the returned states keep the wake pass's caches.
     With ``checkpoint`` each pass keeps only its inputs for the backward pass and is recomputed there, so
     the memory of a chunk's backward holds one pass's activations whatever ``passes`` is.
+
+    Adaptive sleep (``tolerance`` not None, ``sleep.loops: auto``): ``passes`` is the most a sequence may
+    take. After each pass the change of every fast-weight state of the looped blocks is measured per
+    sequence, ``||S_new - S_old||_F / ||S_old||_F`` (:func:`fast_weight_change`); a sequence whose largest
+    change is under ``tolerance`` stops: that pass's update is dropped and its features and fast weights stay
+    as they were for the rest of the batch's passes. A sequence's passes used are its wake pass plus the
+    sleep passes it kept. The decision passes no gradient; ``tolerance=0`` keeps every pass (fixed ``passes``).
+    The batch stops early once every sequence has stopped (not under torch.distributed with several
+    processes, whose ranks must run the same passes).
 
     The coda (``coda="sleep"``, SPEC 1): after the last pass the blocks after the loop run once over that
     pass's features, from their own states at the chunk's start, and their fast weights are the ones kept
@@ -165,22 +178,35 @@ def consolidate(model: "SleepModel", feats: Tensor, states: Sequence[Any], start
     as Ouro does between its loops.
     """
     states = list(states)
+    used = torch.ones(feats.shape[0], dtype=torch.long, device=feats.device)
     if passes <= 1:
-        return states
+        return states, used
     prelude, loop, after = block_lists(model)
     mixers = model.mixers()
     lo, hi = len(prelude), len(prelude) + len(loop)
     fast = states[lo:hi]
     norm = model.final_norm() if pass_norm else None
+    active = torch.ones_like(used, dtype=torch.bool)
     h = feats
     for _ in range(passes - 1):
-        if norm is not None:
-            h = norm(h)
+        h_in = norm(h) if norm is not None else h
         pass_states = [with_fast_weights(mixers[lo + i], start_states[lo + i], fast[i]) for i in range(hi - lo)]
         if checkpoint:
-            h, fast = activation_checkpoint(run_blocks, loop, h, pass_states, span, use_reentrant=False)
+            h_new, fast_new = activation_checkpoint(run_blocks, loop, h_in, pass_states, span, use_reentrant=False)
         else:
-            h, fast = run_blocks(loop, h, pass_states, span)
+            h_new, fast_new = run_blocks(loop, h_in, pass_states, span)
+        if tolerance is None:
+            h, fast = h_new, fast_new
+            used += 1
+            continue
+        with torch.no_grad():
+            keep = active & ~(fast_weight_change(mixers[lo:hi], fast, fast_new) < tolerance)
+        h = torch.where(keep.view(-1, *[1] * (h.dim() - 1)), h_new, h)
+        fast = [keep_fast_weights(mixers[lo + i], keep, fast[i], fast_new[i]) for i in range(hi - lo)]
+        used += keep.long()
+        active = keep
+        if not _must_run_every_pass() and not bool(active.any()):
+            break
     slept = list(fast)
     if coda == "sleep" and len(after):
         coda_start = list(start_states[hi:])
@@ -197,7 +223,71 @@ def consolidate(model: "SleepModel", feats: Tensor, states: Sequence[Any], start
                  for i in range(n)]
     for i in range(n):
         states[lo + i] = with_fast_weights(mixers[lo + i], states[lo + i], slept[i])
-    return states
+    return states, used
+
+
+def _fast_weights(mixer: torch.nn.Module, state: Any) -> list[tuple[str, Tensor]]:
+    return [(k, v) for k, v in (state or {}).items()
+            if k in getattr(mixer, "carried_state", ()) and isinstance(v, Tensor)]
+
+
+def fast_weight_change(mixers: Sequence[torch.nn.Module], old: Sequence[Any], new: Sequence[Any]) -> Tensor:
+    """Per sequence, the largest relative change of any fast-weight state between two passes:
+    ``max over (layer, entry) of ||new - old||_F / ||old||_F`` over each sequence's slice (B,), in float32
+    or wider. A state that was zero and stays zero has changed by 0; one that was zero and is not, by inf."""
+    worst = None
+    for mixer, a, b in zip(mixers, old, new):
+        before = dict(_fast_weights(mixer, a))
+        for key, after in _fast_weights(mixer, b):
+            prev = before.get(key)
+            after = after if after.dtype in (torch.float32, torch.float64) else after.float()
+            prev = torch.zeros_like(after) if prev is None else prev.to(after.dtype)
+            num = (after - prev).flatten(1).norm(dim=1)
+            den = prev.flatten(1).norm(dim=1)
+            rel = torch.where(num == 0, torch.zeros_like(num), num / den)  # x / 0 = inf: it changed
+            worst = rel if worst is None else torch.maximum(worst, rel)
+    if worst is None:
+        raise SleepzooError("sleep.loops: auto measures the change of the looped layers' fast weights, but "
+                            "no looped layer has any (carried_state); use a fixed sleep.loops")
+    return worst
+
+
+def keep_fast_weights(mixer: torch.nn.Module, keep: Tensor, old: Any, new: Any) -> Any:
+    """``new``'s fast weights for the sequences where ``keep`` (B,) is true, ``old``'s for the others; the
+    rest of ``new`` (caches) as it is."""
+    if not new:
+        return new
+    before = dict(_fast_weights(mixer, old))
+    out = dict(new)
+    for key, value in _fast_weights(mixer, new):
+        prev = before.get(key, torch.zeros_like(value))
+        out[key] = torch.where(keep.view(-1, *[1] * (value.dim() - 1)), value, prev)
+    return out
+
+
+def _must_run_every_pass() -> bool:
+    """Under torch.distributed with several processes every rank runs the same passes (collectives per block)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def pass_summary(passes: Tensor) -> dict:
+    """``{"passes_mean": m, "passes_hist": {"n": count}}`` of a tensor of passes used (any shape, one entry a
+    sequence and window slept); ``passes_mean`` is None when nothing was slept."""
+    flat = passes.reshape(-1).long()
+    if flat.numel() == 0:
+        return {"passes_mean": None, "passes_hist": {}}
+    values, counts = torch.unique(flat.cpu(), return_counts=True)
+    return {"passes_mean": float(flat.double().mean()),
+            "passes_hist": {str(int(v)): int(c) for v, c in zip(values, counts)}}
+
+
+AUTO = rules.AUTO
+
+
+def sleep_schedule(loops: Any, max_loops: Any = None, tolerance: Any = None) -> tuple[int, float | None]:
+    """(passes at the most, tolerance or None for a fixed count): :func:`sleepzoo.rules.check_schedule`."""
+    return rules.check_schedule(loops, max_loops, tolerance)
 
 
 CODA_MODES = ("sleep", "wake")
@@ -286,15 +376,17 @@ def _wake_and_loss(model: "SleepModel", ids: Tensor, targets: Tensor | None, sta
 
 def _chunk(model: "SleepModel", ids: Tensor, targets: Tensor | None, states: list, passes: int,
            logits_mode: Any, span: int | None, checkpoint: bool = False,
-           stabilise: dict | None = None) -> tuple[Tensor | None, Tensor | None, list]:
-    """Wake + sleep over one training chunk. Returns (logits, summed CE over its targets, states).
+           stabilise: dict | None = None) -> tuple[Tensor | None, Tensor | None, list, Tensor]:
+    """Wake + sleep over one training chunk. Returns (logits, summed CE over its targets, states, passes used
+    per sequence (B,)); ``stabilise``: :func:`consolidate`'s keyword arguments.
     With ``checkpoint`` the wake pass and each sleep pass are recomputed in the backward pass."""
     args = (model, ids, targets, states, span, logits_mode)
     if checkpoint:
         feats, logits, loss_sum, woken = activation_checkpoint(_wake_and_loss, *args, use_reentrant=False)
     else:
         feats, logits, loss_sum, woken = _wake_and_loss(*args)
-    return logits, loss_sum, consolidate(model, feats, woken, states, passes, span, checkpoint, **(stabilise or {}))
+    states, used = consolidate(model, feats, woken, states, passes, span, checkpoint, **(stabilise or {}))
+    return logits, loss_sum, states, used
 
 
 def _describe_tensor(value: Any) -> str:
@@ -353,7 +445,8 @@ def check_inputs(model: "SleepModel", input_ids: Any, targets: Any) -> None:
 def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *, window: int, loops: int,
         eviction: Any = "full_flush", sleep_every: int | None = None, checkpoint: bool = False,
         return_logits: bool | str = True, gate: bool = False, pass_norm: bool = False,
-        truncate: int | None = None, coda: str = "sleep") -> SleepOutput:
+        truncate: int | None = None, coda: str = "sleep", max_loops: int | None = None,
+        tolerance: float | None = None) -> SleepOutput:
     """Run ``model`` over ``input_ids`` (B, T) chunk by chunk with sleep; see the module docstring.
 
     ``return_logits``: True gives every position's wake logits (B, T, vocab); False gives none and the head
@@ -363,9 +456,14 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
 
     ``gate`` and ``pass_norm``: see :func:`consolidate`. ``truncate=K`` detaches the fast weights after every
     K-th chunk (truncated BPTT in blocks of K windows): a loss sends gradient back through at most K windows
-    of fast weights, never through older ones."""
-    check_sleep_args(window, loops)
-    stabilise = check_stabilisers(model, gate, pass_norm, truncate, coda)
+    of fast weights, never through older ones.
+
+    ``loops="auto"`` (adaptive sleep): each sequence takes up to ``max_loops`` passes per window and stops
+    when its fast weights change by less than ``tolerance`` (see :func:`consolidate`); ``.passes`` says how
+    many each used."""
+    passes, tol = sleep_schedule(loops, max_loops, tolerance)
+    check_sleep_args(window, passes)
+    stabilise = {**check_stabilisers(model, gate, pass_norm, truncate, coda), "tolerance": tol}
     if not (isinstance(return_logits, bool) or return_logits == "targets"):
         raise SleepzooError(f"return_logits={return_logits!r} is invalid: give True, False or 'targets'")
     if return_logits == "targets" and targets is None:
@@ -380,14 +478,15 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
     positions: list[Tensor] = []
     loss_total: Tensor | None = None
     num_targets = 0 if targets is None else int((targets != IGNORE_INDEX).sum())
+    used: list[Tensor] = []
     for c, (start, end) in enumerate(bounds):
         more = c + 1 < len(bounds)  # the chunk is consolidated iff another follows
         ids_c = input_ids[:, start:end]
         tgt_c = None if targets is None else targets[:, start:end]
         if tgt_c is not None and not bool((tgt_c != IGNORE_INDEX).any()):
             tgt_c = None
-        logits_c, loss_c, states = _chunk(model, ids_c, tgt_c, states, loops if more else 1, return_logits,
-                                          policy.span, use_ckpt, stabilise)
+        logits_c, loss_c, states, used_c = _chunk(model, ids_c, tgt_c, states, passes if more else 1,
+                                                  return_logits, policy.span, use_ckpt, stabilise)
         if return_logits is True:
             logits_parts.append(logits_c)
         elif return_logits == "targets" and tgt_c is not None:
@@ -398,6 +497,7 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
         if loss_c is not None:
             loss_total = loss_c if loss_total is None else loss_total + loss_c
         if more:
+            used.append(used_c)
             states = policy.evict(states, mixers)
             if truncate is not None and (c + 1) % truncate == 0:
                 states = truncate_states(states, mixers)
@@ -413,8 +513,9 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
         where = torch.cat(positions)
         order = (where[:, 0] * input_ids.shape[1] + where[:, 1]).argsort()  # chunk-major -> row-major
         logits, target_positions = torch.cat(logits_parts)[order], where[order]
+    slept = torch.stack(used, dim=1) if used else input_ids.new_zeros((input_ids.shape[0], 0))
     return SleepOutput(loss=loss, logits=logits, num_targets=num_targets, states=states,
-                       target_positions=target_positions)
+                       target_positions=target_positions, passes=slept)
 
 
 class Stream:
@@ -428,10 +529,14 @@ class Stream:
 
     def __init__(self, model: "SleepModel", *, window: int, loops: int, eviction: Any = "full_flush",
                  sleep_every: int | None = None, gate: bool = False, pass_norm: bool = False,
-                 truncate: int | None = None, coda: str = "sleep"):
-        check_sleep_args(window, loops)
-        self.stabilise = check_stabilisers(model, gate, pass_norm, truncate, coda)  # truncate: no gradient here
+                 truncate: int | None = None, coda: str = "sleep", max_loops: int | None = None,
+                 tolerance: float | None = None):
+        self.max_passes, tol = sleep_schedule(loops, max_loops, tolerance)
+        check_sleep_args(window, self.max_passes)
+        self.stabilise = {**check_stabilisers(model, gate, pass_norm, truncate, coda),  # truncate: no gradient
+                          "tolerance": tol}
         self.model, self.loops = model, loops
+        self.max_loops, self.tolerance = (self.max_passes, tol) if loops == AUTO else (None, None)
         self.policy = resolve_eviction(eviction, window, sleep_every)
         self.mixers = model.mixers()
         self.states: list = [None] * len(self.mixers)
@@ -440,6 +545,7 @@ class Stream:
         self.filled = 0  # tokens of the current chunk seen so far
         self.tokens = 0  # tokens seen in all
         self.sleeps = 0
+        self.passes: list[list[int]] = []  # per sleep, the passes each row used
         self.batch: int | None = None  # rows, fixed by the first feed (the states hold one memory per row)
 
     def feed(self, ids: Tensor) -> Tensor:
@@ -488,11 +594,16 @@ class Stream:
 
         return load_stream(model, path, **settings)
 
+    def pass_summary(self) -> dict:
+        """The passes used so far: :func:`pass_summary` over every sleep and row."""
+        return pass_summary(torch.tensor(self.passes, dtype=torch.long).reshape(-1))
+
     def sleep(self) -> None:
         """Consolidate the current chunk (passes 2..loops) and evict; the next token starts a new chunk."""
         feats = torch.cat(self.feats, dim=1)  # (B, chunk, d)
-        states = consolidate(self.model, feats, self.states, self.chunk_start, self.loops, self.policy.span,
-                             **self.stabilise)
+        states, used = consolidate(self.model, feats, self.states, self.chunk_start, self.max_passes,
+                                   self.policy.span, **self.stabilise)
+        self.passes.append(used.tolist() if not used.is_meta else [self.max_passes] * used.shape[0])  # meta: sizes
         self.states = self.chunk_start = self.policy.evict(states, self.mixers)
         self.feats, self.filled = [], 0
         self.sleeps += 1

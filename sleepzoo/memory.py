@@ -74,8 +74,12 @@ def stream_settings(stream: Any) -> dict[str, Any]:
     """The settings a stream's memory depends on: what :class:`Stream` was built with."""
     policy = stream.policy
     window = policy.window
-    return {"window": window, "loops": stream.loops, "eviction": _eviction_name(policy),
-            "sleep_every": None if policy.chunk == window else policy.chunk, **stream.stabilise}
+    settings = {"window": window, "loops": stream.loops, "eviction": _eviction_name(policy),
+                "sleep_every": None if policy.chunk == window else policy.chunk,
+                **{k: v for k, v in stream.stabilise.items() if k != "tolerance"}}
+    if stream.loops == "auto":  # adaptive sleep: its bounds are settings too
+        settings.update(max_loops=stream.max_loops, tolerance=stream.tolerance)
+    return settings
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -87,14 +91,16 @@ class _Packer:
     skeleton. A K/V buffer (decoding's preallocated cache) is kept as its capacity: on load a new buffer of that
     capacity is made, holding the state's own K/V, so decoding goes on writing in place."""
 
-    def __init__(self) -> None:
+    def __init__(self, copy: bool = True) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self.copy = copy  # False: keep the tensors as they are (sizes only, e.g. of a model on the meta device)
 
     def pack(self, value: Any, where: str) -> Any:
         from .mixers.attention import KVBuffer
 
         if isinstance(value, torch.Tensor):
-            self.tensors[where] = value.detach().to("cpu").contiguous().clone()  # no shared storage in the file
+            # a copy on the CPU: no shared storage in the file
+            self.tensors[where] = value.detach().to("cpu").contiguous().clone() if self.copy else value
             return {"__tensor__": where}
         if isinstance(value, KVBuffer):
             return {"__kv_buffer__": value.capacity}
@@ -156,6 +162,7 @@ def save_stream(stream: Any, path: str | Path) -> Path:
         "model": model_fingerprint(stream.model),
         "settings": stream_settings(stream),
         "tokens": stream.tokens, "filled": stream.filled, "sleeps": stream.sleeps,
+        "passes": stream.passes,
         "states": packer.pack(list(stream.states), "states"),
         "chunk_start": "states" if same_start else packer.pack(list(stream.chunk_start), "chunk_start"),
         "feats": packer.pack(torch.cat(stream.feats, dim=1), "feats") if stream.feats else None,
@@ -166,6 +173,27 @@ def save_stream(stream: Any, path: str | Path) -> Path:
         raise SleepzooError(f"memory file {str(path)!r}: the folder {str(path.parent)!r} does not exist")
     atomic_write_bytes(path, data)
     return path
+
+
+def _bytes_per_kind(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Tensor bytes by kind: ``feats``, ``chunk_start`` and ``states.<entry>`` (fast_weights, k, v, ...)."""
+    per_kind: dict[str, int] = {}
+    for name, t in tensors.items():
+        kind = name.split(".")[0] if not name.startswith("states.") else "states." + name.split(".")[-1]
+        per_kind[kind] = per_kind.get(kind, 0) + t.numel() * t.element_size()
+    return per_kind
+
+
+def memory_bytes(stream: Any) -> dict[str, int]:
+    """The tensor bytes a memory file of ``stream`` would hold, by kind, without copying anything: works on
+    the meta device, so a large model's memory can be sized from its config alone."""
+    packer = _Packer(copy=False)
+    packer.pack(list(stream.states), "states")
+    if stream.chunk_start is not stream.states:
+        packer.pack(list(stream.chunk_start), "chunk_start")
+    if stream.feats:
+        packer.pack(torch.cat(stream.feats, dim=1), "feats")
+    return _bytes_per_kind(packer.tensors)
 
 
 def read_memory(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -231,17 +259,24 @@ def load_stream(model: torch.nn.Module, path: str | Path, **settings: Any) -> An
     feats = header.get("feats")
     stream.feats = [] if feats is None else [_unpack(feats, tensors, device, source)]
     stream.tokens, stream.filled, stream.sleeps = int(header["tokens"]), int(header["filled"]), int(header["sleeps"])
+    stream.passes = [list(map(int, row)) for row in header.get("passes") or []]  # absent before adaptive sleep
     stream.batch = header["batch"]
     return stream
+
+
+def _passes_summary(passes: Any) -> dict[str, Any]:
+    from .engine import pass_summary
+
+    try:
+        return pass_summary(torch.tensor(passes or [], dtype=torch.long))
+    except (TypeError, ValueError, RuntimeError):
+        return {"passes_mean": None, "passes_hist": {}}
 
 
 def describe(path: str | Path) -> dict[str, Any]:
     """What a memory file holds, for ``sleepzoo memory show``: settings, position, model and tensor bytes."""
     header, tensors = read_memory(path)
-    per_kind: dict[str, int] = {}
-    for name, t in tensors.items():
-        kind = name.split(".")[0] if not name.startswith("states.") else "states." + name.split(".")[-1]
-        per_kind[kind] = per_kind.get(kind, 0) + t.numel() * t.element_size()
+    per_kind = _bytes_per_kind(tensors)
     return {"file": str(path), "file_bytes": Path(path).stat().st_size, "settings": header["settings"],
             "tokens": header["tokens"], "filled": header["filled"], "sleeps": header["sleeps"],
-            "batch": header.get("batch"), "model": header["model"], "tensor_bytes": per_kind}
+            "passes": _passes_summary(header.get("passes")), "batch": header.get("batch"), "model": header["model"], "tensor_bytes": per_kind}

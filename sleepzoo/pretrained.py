@@ -63,7 +63,7 @@ from .checkpoint import (CheckpointError, _fsync_dir, _fsync_file, _listing, _sa
 from .config import RecipeError, SleepConfig
 from .models.base import read_config_json
 from .registry import SleepzooError
-from .rules import RuleError, check_sleep_every, check_window
+from .rules import RuleError, check_count, check_schedule, check_sleep_every
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -95,8 +95,10 @@ def model_class(model_type: Any) -> type:
     return cls
 
 
-SLEEP_OVERRIDES = ("window", "loops", "eviction", "sleep_every", "checkpoint")  # SleepConfig's fields
-SAVED_SLEEP = ("window", "loops", "eviction", "sleep_every")  # what save_pretrained records (not checkpoint)
+# SleepConfig's fields (max_loops and tolerance: the bounds of loops: auto)
+SLEEP_OVERRIDES = ("window", "loops", "max_loops", "tolerance", "eviction", "sleep_every", "checkpoint")
+SAVED_SLEEP = ("window", "loops", "max_loops", "tolerance", "eviction", "sleep_every")  # save_pretrained's (not
+# checkpoint)
 # The sleep stabilisers (SleepConfig; truncate is training only): overrides too, recorded when not the default.
 STABILISERS = ("gate", "pass_norm", "coda")
 _SLEEP_NAMES = SLEEP_OVERRIDES + STABILISERS
@@ -152,7 +154,8 @@ def _sleep_config(base: SleepConfig, settings: dict[str, Any], where: str) -> Sl
     window), checked by the rules a recipe's sleep section follows (:mod:`sleepzoo.rules`)."""
     sleep = dataclasses.replace(base, **{k: v for k, v in settings.items() if v is not None or k == "sleep_every"})
     try:
-        check_window(sleep.window, sleep.loops)
+        check_count("window", sleep.window, "tokens per attention window")
+        check_schedule(sleep.loops, sleep.max_loops, sleep.tolerance)
         check_sleep_every(sleep.window, sleep.sleep_every, sleep.eviction)
     except RuleError as exc:
         raise SleepzooError(f"{where}: {exc}") from None

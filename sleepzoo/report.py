@@ -77,6 +77,8 @@ def format_value(value: Any) -> str:
         return f"{value:.4f}"
     if isinstance(value, (list, tuple)):
         return "/".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in value)
+    if isinstance(value, dict):  # a histogram such as passes_hist: {"2": 192, "3": 467} -> 2:192 3:467
+        return " ".join(f"{k}:{format_value(v)}" for k, v in value.items())
     return str(value)
 
 
@@ -341,6 +343,72 @@ def plot_loss_by_position(curves: dict[str, dict[str, Any]], path: str | Path, *
         wax.set_ylabel("loss (test)")
         wax.legend(fontsize="small", loc="best")
     fig.suptitle(title or "loss by position")
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one run at several loop counts: accuracy against the passes used (`sleepzoo eval RUN --loops 1,2,4,auto`)
+
+
+def loops_label(loops: Any, tolerance: float | None = None) -> str:
+    """``"4"`` for a fixed count, ``"auto 0.1"`` (the tolerance) for adaptive sleep."""
+    return str(loops) if tolerance is None else f"{loops} {tolerance:g}"
+
+
+def loops_table(rows: Sequence[dict[str, Any]], *, title: str | None = None) -> Table:
+    """One row per loop setting (``row["label"]``; auto rows: ``auto TOLERANCE``): the mean passes used,
+    exact accuracy and loss and, for a task with buckets, the exact accuracy per value of its first bucket
+    key (three decimals and light borders, so that it fits a terminal)."""
+    from rich import box
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
+    bucket = next((name for r in rows for name in (r.get("buckets") or {})), None)
+    values = sorted_bucket_values({v for r in rows for v in (r.get("buckets") or {}).get(bucket, {})}) \
+        if bucket else []
+    width = max([5, *(len(str(r["label"])) for r in rows)])
+    for c in ["loops", "passes", "exact", "loss", *(f"{bucket}={v}" for v in values)]:
+        table.add_column(c, justify="right", no_wrap=True, min_width=width if c == "loops" else max(len(c), 5))
+
+    def short(x: Any) -> str:
+        return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+    for r in rows:
+        per = (r.get("buckets") or {}).get(bucket, {})
+        table.add_row(r["label"], short(r.get("passes_mean")), short(r.get("exact_accuracy", "")),
+                      short(r.get("loss", "")), *(short(per.get(v, {}).get("exact_accuracy", "")) for v in values))
+    return table
+
+
+def plot_loops(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str | None = None) -> Path:
+    """Exact accuracy against the mean passes used: fixed loop counts joined by a line, adaptive settings
+    (``row["tolerance"]`` not None) as separate points; with buckets, one thin line per bucket value too."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    bucket = next((name for r in rows for name in (r.get("buckets") or {})), None)
+    values = sorted_bucket_values({v for r in rows for v in (r.get("buckets") or {}).get(bucket, {})}) \
+        if bucket else []
+    for adaptive, style in ((False, dict(marker="o", linestyle="-")), (True, dict(marker="*", linestyle=":"))):
+        part = sorted((r for r in rows if (r.get("tolerance") is not None) == adaptive and
+                       isinstance(r.get("passes_mean"), (int, float))), key=lambda r: r["passes_mean"])
+        if not part:
+            continue
+        kind = "adaptive (loops: auto)" if adaptive else "fixed loops"
+        xs = [r["passes_mean"] for r in part]
+        ax.plot(xs, [r.get("exact_accuracy", float("nan")) for r in part], color="black", markersize=8,
+                label=f"{kind}: all", **style)
+        for i, v in enumerate(values):
+            ys = [(r.get("buckets") or {}).get(bucket, {}).get(v, {}).get("exact_accuracy", float("nan"))
+                  for r in part]
+            ax.plot(xs, ys, color=f"C{i}", alpha=0.7, linewidth=1, label=f"{bucket}={v}" if not adaptive else None,
+                    **style)
+        for r in part:
+            ax.annotate(r["label"], (r["passes_mean"], r.get("exact_accuracy", float("nan"))), fontsize="x-small",
+                        textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("passes used per window (mean over examples)")
+    ax.set_ylabel("exact accuracy (test)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize="x-small", loc="best", ncol=2)
+    ax.set_title(title or "accuracy against sleep passes")
     return _save(fig, path)
 
 

@@ -60,3 +60,31 @@ def check_loop_range(start: Any, end: Any, n_blocks: int | None = None) -> tuple
     if not (_is_int(start) and _is_int(end) and 0 <= start < end and (n_blocks is None or end <= n_blocks)):
         raise RuleError("loop_start/loop_end", [start, end], f"need integers 0 <= loop_start < loop_end <= {top}")
     return start, end
+
+
+AUTO = "auto"
+DEFAULT_MAX_LOOPS = 8
+DEFAULT_TOLERANCE = 0.01
+
+
+def check_schedule(loops: Any, max_loops: Any = None, tolerance: Any = None) -> tuple[int, float | None]:
+    """How many passes a window gets: (passes at the most, tolerance). ``loops`` an integer >= 1 is a fixed
+    count, (loops, None); ``loops="auto"`` is adaptive sleep, (``max_loops``, ``tolerance``) with defaults
+    :data:`DEFAULT_MAX_LOOPS` and :data:`DEFAULT_TOLERANCE`: each sequence stops when its fast weights change
+    by less than the tolerance (sleepzoo.engine.consolidate). ``max_loops`` and ``tolerance`` go with auto only."""
+    if loops != AUTO:
+        if not _is_int(loops) or loops < 1:
+            raise RuleError("loops", loops, "must be an integer >= 1 (passes per window; 1 = no sleep) or auto "
+                                            "(adaptive: up to max_loops passes, until the fast weights settle)")
+        for name, value in (("max_loops", max_loops), ("tolerance", tolerance)):
+            if value is not None:
+                raise RuleError(name, value, f"{name} goes with loops: auto (adaptive sleep), but loops is {loops}; "
+                                             f"remove {name} or set loops: auto")
+        return loops, None
+    max_loops = DEFAULT_MAX_LOOPS if max_loops is None else max_loops
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    check_count("max_loops", max_loops, "the most passes a window may take under loops: auto")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < float("inf"):
+        raise RuleError("tolerance", tolerance, "must be a number >= 0 (the relative change of the fast weights "
+                                                "under which a sequence stops sleeping; 0: never stop)")
+    return max_loops, float(tolerance)

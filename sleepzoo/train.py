@@ -73,7 +73,7 @@ from torch import nn
 
 import sleepzoo
 
-from . import distributed, registry
+from . import distributed, registry, rules
 from .build import check_fit
 from .checkpoint import (Checkpoint, CheckpointDamaged, CheckpointError, atomic_write_json, capture_rng, check_finite,
                          load_checkpoint, load_weights, newest_intact_checkpoint, read_metadata, restore_rng,
@@ -148,11 +148,19 @@ def jsonable(value: Any) -> Any:
 
 
 def evaluate(model: nn.Module, task: Task, recipe: Recipe, *, device: torch.device,
-             num_examples: int | None = None, loops: int | None = None, window: int | None = None) -> dict:
-    """``task.evaluate`` on the recipe's eval settings, in eval mode, without gradients.
+             num_examples: int | None = None, loops: int | str | None = None, window: int | None = None,
+             max_loops: int | None = None, tolerance: float | None = None) -> dict:
+    """``task.evaluate`` on the recipe's eval settings, in eval mode, without gradients. Under
+    ``loops="auto"`` the bounds of adaptive sleep are ``max_loops`` / ``tolerance``, else the recipe's own
+    when it sleeps adaptively too.
 
     All RNG states are restored afterwards, so evaluating (or not) never changes what training does next.
     """
+    adaptive = {}
+    if loops == "auto":
+        own = recipe.sleep.loops == "auto"
+        adaptive = {"max_loops": max_loops if max_loops is not None or not own else recipe.sleep.max_loops,
+                    "tolerance": tolerance if tolerance is not None or not own else recipe.sleep.tolerance}
     was_training = model.training
     rng = capture_rng()
     model.eval()
@@ -160,7 +168,7 @@ def evaluate(model: nn.Module, task: Task, recipe: Recipe, *, device: torch.devi
         with torch.no_grad():
             metrics = task.evaluate(
                 model, num_examples=num_examples or recipe.eval.num_examples, batch_size=recipe.eval.batch_size,
-                seed=recipe.eval.seed, window=window, loops=loops, device=device)
+                seed=recipe.eval.seed, window=window, loops=loops, device=device, **adaptive)
     finally:
         restore_rng(rng)
         model.train(was_training)
@@ -238,7 +246,7 @@ def _micro_batches(rows: int, size: int | None) -> list[tuple[int, int]]:
 
 def _accumulate(runner: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, micro: int | None,
                 total_targets: float, world: int, precision: Precision, params: list[nn.Parameter],
-                max_rows: int | None = None) -> torch.Tensor:
+                max_rows: int | None = None, passes: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Forward and backward of this rank's rows in micro-batches of ``micro`` rows (``train.micro_batch_size``),
     gradients accumulating. Each micro-batch's mean loss is weighted by its share of the step's targets over all
     ranks (times ``world``, which DDP/FSDP divide out), so the summed gradient is that of one batch. Only the
@@ -247,7 +255,9 @@ def _accumulate(runner: nn.Module, input_ids: torch.Tensor, targets: torch.Tenso
 
     Under several processes every rank runs the same number of forwards and backwards (the collectives of DDP
     and FSDP pair up call by call): as many micro-batches as the largest slice (``max_rows`` rows) needs, and a
-    micro-batch without targets (or a rank's extra one) runs as a forward and backward with weight 0."""
+    micro-batch without targets (or a rank's extra one) runs as a forward and backward with weight 0.
+
+    ``passes``: a list that receives each real micro-batch's sleep passes used (``SleepOutput.passes``)."""
     rows = input_ids.shape[0]
     ranges = _micro_batches(rows, micro)
     real = len(ranges)  # micro-batches of this rank's own rows; any after them are zero-weight repeats
@@ -280,6 +290,8 @@ def _accumulate(runner: nn.Module, input_ids: torch.Tensor, targets: torch.Tenso
             weight = distributed.loss_weight(n, total_targets, world) if n else 0.0
             loss = out.loss.float() * weight
             precision.backward(loss)
+        if passes is not None and n and getattr(out, "passes", None) is not None:
+            passes.append(out.passes.detach())
         total += loss.detach()
     return total
 
@@ -501,11 +513,14 @@ def _train_stage(run: _Run, current: _StageRun) -> None:
     stage, cfg, every_eval = current.stage, run.recipe.train, run.recipe.eval.every
     t_interval, tokens_interval = time.perf_counter(), 0  # training speed since the last log line
     for step in range(current.start, stage.end):
-        loss, grad_norm, lrs, step_tokens = _update(run, current, step)
+        loss, grad_norm, lrs, step_tokens, passes = _update(run, current, step)
         done = step + 1
         run.state["tokens"] += step_tokens
         run.state["loss_sum"] += loss
         run.state["loss_count"] += 1
+        if passes:  # sleep.loops: auto (older checkpoints' counters lack these)
+            run.state["passes_sum"] = run.state.get("passes_sum", 0.0) + passes[0]
+            run.state["passes_count"] = run.state.get("passes_count", 0) + int(passes[1])
         tokens_interval += step_tokens
         now = time.perf_counter()
         tokens_per_s = tokens_interval / max(now - t_interval, 1e-9)
@@ -522,10 +537,11 @@ def _train_stage(run: _Run, current: _StageRun) -> None:
             _save(run, current, done)
 
 
-def _update(run: _Run, current: _StageRun, step: int) -> tuple[float, float, list[float], int]:
+def _update(run: _Run, current: _StageRun, step: int) -> tuple[float, float, list[float], int, list[float]]:
     """One optimizer step on this rank's slice of the seeded global batch of ``step``. Returns the step's
     mean loss over every target of every rank, the gradient norm before clipping, the learning rates this
-    update used (one per optimizer) and the tokens of the global batch."""
+    update used (one per optimizer), the tokens of the global batch and, under ``sleep.loops: auto``, the
+    sleep passes used [sum, count] over every rank's sequences and windows ([] otherwise)."""
     scfg, world, device = current.stage.recipe.train, run.world, run.device
     batch = run.task.generate(scfg.batch_size, seed=batch_seed(run.recipe.train.seed, step), split="train")
     lo, hi = distributed.shard_bounds(scfg.batch_size, world, run.rank)  # this rank's rows
@@ -538,8 +554,10 @@ def _update(run: _Run, current: _StageRun, step: int) -> tuple[float, float, lis
     for opt in current.optimizers:
         opt.zero_grad(set_to_none=True)
     max_rows = -(-scfg.batch_size // world)  # the largest slice (shard_bounds: sizes differ by <= 1)
+    adaptive = current.stage.recipe.sleep.loops == "auto"
+    passes: list[torch.Tensor] | None = [] if adaptive else None
     loss = _accumulate(run.runner, input_ids, targets, scfg.micro_batch_size, total_targets, world,
-                       run.precision, current.params, max_rows)
+                       run.precision, current.params, max_rows, passes)
     run.precision.unscale(current.optimizers)
     max_norm = scfg.grad_clip if scfg.grad_clip > 0 else math.inf
     grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(current.params, max_norm))
@@ -553,7 +571,11 @@ def _update(run: _Run, current: _StageRun, step: int) -> tuple[float, float, lis
     if not math.isfinite(loss_value):
         raise SleepzooError(f"the training loss is {loss_value} at step {step + 1}; lower train.muon_lr / "
                             f"train.adamw_lr or train.grad_clip")
-    return loss_value, grad_norm, lrs, batch["input_ids"].numel()
+    used = []
+    if adaptive:  # every rank takes part in the sum, so the collectives pair up
+        used = distributed.all_reduce_sum([float(sum(float(p.sum()) for p in passes)),
+                                           float(sum(p.numel() for p in passes))])
+    return loss_value, grad_norm, lrs, batch["input_ids"].numel(), [float(x) for x in used]
 
 
 def _tag(stage: _Stage) -> dict:
@@ -567,6 +589,9 @@ def _log_train(run: _Run, stage: _Stage, done: int, lrs: list[float], grad_norm:
     record = {"step": done, **_tag(stage), "loss": state["loss_sum"] / state["loss_count"], "lr": lrs[0]}
     if len(lrs) > 1:
         record["adamw_lr"] = lrs[1]
+    if state.get("passes_count"):  # sleep.loops: auto: mean passes used per sequence and window since the last
+        record["passes"] = state["passes_sum"] / state["passes_count"]
+        state["passes_sum"], state["passes_count"] = 0.0, 0
     record.update(grad_norm=grad_norm, tokens=state["tokens"], tokens_per_s=tokens_per_s,
                   elapsed_s=run.elapsed(now))
     run.write(record)
@@ -672,15 +697,40 @@ def load_run(run_dir: str | Path) -> tuple[Recipe, nn.Module, Task, int]:
     return recipe, model, task, step
 
 
-def evaluate_run(run_dir: str | Path, *, num_examples: int | None = None, loops: int | None = None,
-                 window: int | None = None) -> tuple[dict, Path | None]:
+def eval_file_name(loops: int | str, window: int, max_loops: int | None = None,
+                   tolerance: float | None = None) -> str:
+    """``eval-loops{N}-window{L}.json``; adaptive sleep: ``eval-loopsauto-max{M}-tol{T}-window{L}.json``."""
+    if loops == "auto":
+        return f"eval-loopsauto-max{max_loops}-tol{tolerance:g}-window{window}.json"
+    return f"eval-loops{loops}-window{window}.json"
+
+
+def _eval_schedule(own: Any, loops: int | str | None, max_loops: int | None,
+                   tolerance: float | None) -> tuple[int | str, dict[str, Any]]:
+    """The loops an evaluation uses (``loops``, else the recipe's ``own`` sleep section's) and, for ``auto``,
+    its bounds: those given, else the recipe's own when it sleeps adaptively too, else the defaults."""
+    used = own.loops if loops is None else loops
+    if used == "auto" and own.loops == "auto":
+        max_loops = own.max_loops if max_loops is None else max_loops
+        tolerance = own.tolerance if tolerance is None else tolerance
+    try:
+        passes, tol = rules.check_schedule(used, max_loops, tolerance)
+    except rules.RuleError as exc:
+        raise SleepzooError(f"--{exc.field.replace('_', '-')}: {exc.value!r} is not allowed; {exc.allowed}") from None
+    return used, ({} if tol is None else {"max_loops": passes, "tolerance": tol})
+
+
+def evaluate_run(run_dir: str | Path, *, num_examples: int | None = None, loops: int | str | None = None,
+                 window: int | None = None, max_loops: int | None = None,
+                 tolerance: float | None = None) -> tuple[dict, Path | None]:
     """Evaluate a run's newest weights; return the metrics and the JSON file they were written to (None when
     another process is training the run: the result is not saved then).
 
     With the recipe's own loops and window that file is ``eval.json``; other settings (e.g. more sleep
-    passes than were trained with) go to ``eval-loops{N}-window{L}.json`` so the training result is kept.
+    passes than were trained with, or ``loops="auto"`` with ``max_loops`` / ``tolerance``) go to
+    :func:`eval_file_name`'s file, so the training result is kept.
     """
-    for name, value in (("--num-examples", num_examples), ("--loops", loops), ("--window", window)):
+    for name, value in (("--num-examples", num_examples), ("--window", window)):
         if value is not None and value < 1:
             raise SleepzooError(f"{name}: {value} is not allowed; it must be >= 1")
     recipe, model, task, step = load_run(run_dir)
@@ -695,16 +745,16 @@ def evaluate_run(run_dir: str | Path, *, num_examples: int | None = None, loops:
         device = _device(recipe.train.device)
         model.to(device)
         own_sleep = recipe.stage_recipes()[-1][1].sleep  # the last stage's (the recipe's own without stages)
-        loops_used = loops or own_sleep.loops
+        loops_used, bounds = _eval_schedule(own_sleep, loops, max_loops, tolerance)
         window_used = window or own_sleep.window
         metrics = evaluate(model, task, recipe, device=device, num_examples=num_examples, loops=loops_used,
-                           window=window_used)
-        result = {"step": step, "loops": loops_used, "window": window_used,
+                           window=window_used, **bounds)
+        result = {"step": step, "loops": loops_used, **bounds, "window": window_used,
                   "num_examples": num_examples or recipe.eval.num_examples, **metrics}
         if lock is None:
             return result, None
-        own = loops_used == own_sleep.loops and window_used == own_sleep.window
-        path = Path(run_dir) / ("eval.json" if own else f"eval-loops{loops_used}-window{window_used}.json")
+        own = (loops_used, bounds, window_used) == (*_eval_schedule(own_sleep, None, None, None), own_sleep.window)
+        path = Path(run_dir) / ("eval.json" if own else eval_file_name(loops_used, window_used, **bounds))
         if own and path.is_file():  # keep the training time the trainer recorded (a damaged file has none)
             previous, _ = read_row(path)
             if previous is None:

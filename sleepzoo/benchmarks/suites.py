@@ -177,7 +177,7 @@ def _loops_cases(s: dict) -> list[Case]:
         ids, tgt = _tokens(B, L, device=dev)
         earlier, _ = _tokens(B, L, seed=1, device=dev)
         with torch.no_grad():
-            _, _, states = engine._chunk(model, earlier, None, [None] * len(model.layers), 1, False, None)
+            _, _, states, _ = engine._chunk(model, earlier, None, [None] * len(model.layers), 1, False, None)
         states = engine.resolve_eviction("full_flush", L).evict(states, model.mixers())
         for state in states:
             for value in (state or {}).values():
@@ -207,7 +207,7 @@ def _loops_cases(s: dict) -> list[Case]:
 
             def run() -> None:
                 model.zero_grad(set_to_none=True)
-                _, loss, states = engine._chunk(model, ids, tgt, start, N, False, None)
+                _, loss, states, _ = engine._chunk(model, ids, tgt, start, N, False, None)
                 (loss + _fast_weight_sum(states)).backward()
             return run
 

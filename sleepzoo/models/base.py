@@ -161,30 +161,41 @@ class SleepModel(nn.Module):
             self.sleep_gate = nn.Parameter(torch.zeros(n, dtype=torch.float32, device=param.device))
         return self.sleep_gate
 
-    def _sleep_settings(self, window: int | None, loops: int | None, eviction: Any,
-                        sleep_every: int | None, coda: str | None = None) -> dict:
+    def _sleep_settings(self, window: int | None, loops: int | str | None, eviction: Any,
+                        sleep_every: int | None, coda: str | None = None, max_loops: int | None = None,
+                        tolerance: float | None = None) -> dict:
         s = self.sleep
-        return {"window": s.window if window is None else window, "loops": s.loops if loops is None else loops,
-                "eviction": s.eviction if eviction is None else eviction,
-                "sleep_every": s.sleep_every if sleep_every is None else sleep_every,
-                "gate": s.gate, "pass_norm": s.pass_norm, "coda": s.coda if coda is None else coda}
+        settings = {"window": s.window if window is None else window, "loops": s.loops if loops is None else loops,
+                    "eviction": s.eviction if eviction is None else eviction,
+                    "sleep_every": s.sleep_every if sleep_every is None else sleep_every,
+                    "gate": s.gate, "pass_norm": s.pass_norm, "coda": s.coda if coda is None else coda}
+        own = s.loops == "auto" and settings["loops"] == "auto"  # the recipe's bounds go with its own auto
+        settings["max_loops"] = s.max_loops if own and max_loops is None else max_loops
+        settings["tolerance"] = s.tolerance if own and tolerance is None else tolerance
+        return settings
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, *, window: int | None = None,
                 loops: int | None = None, eviction: Any = None, sleep_every: int | None = None,
                 checkpoint: bool | None = None, return_logits: bool | str = True,
-                coda: str | None = None) -> engine.SleepOutput:
+                coda: str | None = None, max_loops: int | None = None,
+                tolerance: float | None = None) -> engine.SleepOutput:
         """Run the sleep engine over (B, T) tokens. ``window``, ``loops``, ``eviction``, ``sleep_every`` and
         ``checkpoint`` default to the recipe's ``sleep`` section; ``targets`` (B, T) hold -100 where no loss
         is taken. ``.logits`` are every position's wake-pass logits; ``return_logits=False`` computes the head at
-        the target positions only (training), ``"targets"`` returns those positions' logits (evaluation)."""
-        return engine.run(self, input_ids, targets, **self._sleep_settings(window, loops, eviction, sleep_every, coda),
+        the target positions only (training), ``"targets"`` returns those positions' logits (evaluation).
+        ``loops="auto"`` sleeps adaptively, up to ``max_loops`` passes until the fast weights change by less
+        than ``tolerance`` (the recipe's ``sleep.max_loops`` / ``sleep.tolerance`` unless given)."""
+        settings = self._sleep_settings(window, loops, eviction, sleep_every, coda, max_loops, tolerance)
+        return engine.run(self, input_ids, targets, **settings,
                           checkpoint=self.sleep.checkpoint if checkpoint is None else checkpoint,
                           return_logits=return_logits, truncate=self.sleep.truncate)
 
-    def start_stream(self, *, window: int | None = None, loops: int | None = None, eviction: Any = None,
-                     sleep_every: int | None = None) -> engine.Stream:
+    def start_stream(self, *, window: int | None = None, loops: int | str | None = None, eviction: Any = None,
+                     sleep_every: int | None = None, max_loops: int | None = None,
+                     tolerance: float | None = None) -> engine.Stream:
         """A :class:`sleepzoo.engine.Stream` over this model: ``stream.feed(ids)`` returns wake logits."""
-        return engine.Stream(self, **self._sleep_settings(window, loops, eviction, sleep_every))
+        settings = self._sleep_settings(window, loops, eviction, sleep_every, None, max_loops, tolerance)
+        return engine.Stream(self, **settings)
 
     @torch.no_grad()
     def stream(self, input_ids: Tensor, *, window: int | None = None, loops: int | None = None,

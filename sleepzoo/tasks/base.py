@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sleepzoo.engine import pass_summary
 from sleepzoo.registry import SleepzooError
 
 IGNORE_INDEX = -100
@@ -361,8 +362,9 @@ class Task:
 
     # -------------------------------------------------------------------------------------- evaluation
     def evaluate(self, model: torch.nn.Module, *, num_examples: int = 512, batch_size: int = 256,
-                 seed: int = 0, window: int | None = None, loops: int | None = None,
-                 device: str | torch.device = "cpu") -> dict[str, Any]:
+                 seed: int = 0, window: int | None = None, loops: int | str | None = None,
+                 device: str | torch.device = "cpu", max_loops: int | None = None,
+                 tolerance: float | None = None) -> dict[str, Any]:
         """Score ``model`` on ``num_examples`` examples of the test split.
 
         The model is called as ``model(input_ids, targets, window=window, loops=loops)`` (targets are passed
@@ -373,7 +375,10 @@ class Task:
 
         Returns ``loss``, ``token_accuracy`` (over target tokens), ``exact_accuracy`` (every target of an
         example right; an example without targets counts as right), ``num_examples``, ``num_targets`` and
-        whatever :meth:`_extra_metrics` adds.
+        whatever :meth:`_extra_metrics` adds. A sleepzoo model also reports the sleep passes it used
+        (``passes_mean``, over every example and consolidated window, and ``passes_hist``, the count of each
+        number of passes; per bucket too): under ``loops="auto"`` (with ``max_loops`` / ``tolerance``, passed
+        to the model when given) they vary by example.
         """
         owner = f"{type(self).__name__}.evaluate"
         n = _check_int(owner, "num_examples", num_examples, minimum=1)
@@ -382,6 +387,8 @@ class Task:
         ids_all, tg_all = data["input_ids"], data["targets"]
         predictions = torch.empty_like(ids_all)
         token_loss = torch.zeros(ids_all.shape, dtype=torch.float32)  # CE at each target, 0 elsewhere
+        adaptive = {k: v for k, v in (("max_loops", max_loops), ("tolerance", tolerance)) if v is not None}
+        passes: list[torch.Tensor] = []  # (B, windows slept) per batch, from a sleepzoo model
         was_training = model.training
         model.eval()
         try:
@@ -391,7 +398,8 @@ class Task:
                     tg = tg_all[start:start + bs].to(device)
                     if getattr(model, "supports_target_logits", False) and bool((tg != IGNORE_INDEX).any()):
                         # a sleepzoo model: the head at the target positions only, no (B, T, vocab) tensor
-                        out = model(ids, tg, window=window, loops=loops, return_logits="targets")
+                        out = model(ids, tg, window=window, loops=loops, return_logits="targets", **adaptive)
+                        passes.append(out.passes.cpu())
                         rows, cols = out.target_positions[:, 0].cpu(), out.target_positions[:, 1].cpu()
                         ce = F.cross_entropy(out.logits.float(), tg[rows.to(tg.device), cols.to(tg.device)],
                                              reduction="none").cpu()
@@ -400,7 +408,9 @@ class Task:
                         pred[rows, cols] = out.logits.argmax(dim=-1).cpu()
                         predictions[start:start + bs] = pred
                         continue
-                    out = model(ids, tg, window=window, loops=loops)
+                    out = model(ids, tg, window=window, loops=loops, **adaptive)
+                    if getattr(out, "passes", None) is not None:
+                        passes.append(out.passes.cpu())
                     logits = out.logits
                     if logits.shape[:2] != ids.shape:
                         raise SleepzooError(f"{owner}: model returned logits of shape {tuple(logits.shape)} "
@@ -416,10 +426,16 @@ class Task:
         mask = tg_all != IGNORE_INDEX
         correct = (predictions == tg_all) & mask
         result = _scores(example_loss, correct, mask)
+        slept = torch.cat(passes) if sum(p.shape[0] for p in passes) == n else None  # (n, windows slept)
+        if slept is not None:
+            result.update(pass_summary(slept))
         for name in self.buckets:  # e.g. Depo's hop count k, GSM-Infinite's op: the paper's x axes
             values = data[name]
-            result.setdefault("buckets", {})[name] = {
-                str(int(v)): _scores(example_loss[values == v], correct[values == v], mask[values == v])
-                for v in torch.unique(values).tolist()}
+            per_value = result.setdefault("buckets", {})[name] = {}
+            for v in torch.unique(values).tolist():
+                at = values == v
+                per_value[str(int(v))] = _scores(example_loss[at], correct[at], mask[at])
+                if slept is not None:
+                    per_value[str(int(v))]["passes_mean"] = pass_summary(slept[at])["passes_mean"]
         result.update(self._extra_metrics(predictions, {**data, "token_loss": token_loss}))
         return result
