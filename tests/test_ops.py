@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from sleepzoo.ops import delta_rule, gated_delta_rule, gated_delta_rule_recurrent, gated_delta_rule_step
 from sleepzoo.ops import rules
 
-from sleepzoo import fla_reference as fla_ref
+import _fla_reference as fla_ref
 
 B, H, K, V = 2, 2, 8, 6
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}

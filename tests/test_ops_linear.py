@@ -24,7 +24,7 @@ from sleepzoo.ops import (
 )
 from sleepzoo.ops import rules
 
-from sleepzoo import fla_reference as fla_ref
+import _fla_reference as fla_ref
 
 B, H, K, V = 2, 2, 8, 6
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}

@@ -136,10 +136,13 @@ def _ops_cases(s: dict) -> list[Case]:
             return run
         return make
 
-    def fla_naive(q, k, v, g, beta):
-        from .. import fla_reference
+    from .fla_naive import load_naive
 
-        return fla_reference.naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=64, output_final_state=True)
+    naive, _ = load_naive("gated_delta_rule")
+    naive_chunk = getattr(naive, "naive_chunk_gated_delta_rule", None)
+
+    def fla_naive(q, k, v, g, beta):
+        return naive_chunk(q, k, v, g, beta, chunk_size=64, output_final_state=True)
 
     group = f"ops: gated_delta fwd+bwd B={B} T={T} H={H} K={K} V={V} float32"
     flops = 3 * chunked_flops(B, T, H, K, V)  # forward + backward ~ 3 forwards of matmul work
@@ -151,9 +154,7 @@ def _ops_cases(s: dict) -> list[Case]:
              make=fwd_bwd(lambda **x: gated_delta_rule_recurrent(**x, output_final_state=True)), tokens=B * T,
              baseline="chunked", rounds=s["recurrent_rounds"]),
     ]
-    from .. import fla_reference
-
-    if fla_reference.naive_chunk_gated_delta_rule is not None:
+    if naive_chunk is not None:
         cases.append(Case("ops", "fla_naive_chunk", group, {"op": "fla_naive_chunk", **shape},
                           make=fwd_bwd(fla_naive), tokens=B * T, baseline="chunked", rounds=s["rounds"]))
     cases.append(Case("ops", "matmul_rate", "ops: this machine's float32 matmul rate", {},

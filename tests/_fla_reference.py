@@ -1,8 +1,6 @@
-"""fla-core's naive PyTorch references (independent checks of sleepzoo's ops), loaded without importing ``fla``.
+"""fla-core's naive PyTorch references: independent checks of sleepzoo's ops in the tests (a test helper).
 
-``import fla`` pulls in triton (absent on CPU-only machines), so instead of importing the package we locate it
-with :func:`importlib.util.find_spec` (which does not execute ``fla/__init__.py``) and load single files
-``fla/ops/<op>/naive.py`` as standalone modules. Those files only need torch and einops.
+The files are loaded without importing ``fla`` (see :mod:`sleepzoo.benchmarks.fla_naive`).
 
 Gated delta rule (``fla/ops/gated_delta_rule/naive.py``): ``naive_recurrent_gated_delta_rule`` and
 ``naive_chunk_gated_delta_rule`` (each ``None`` when fla-core or einops is not installed) and
@@ -24,9 +22,7 @@ state); ``LINEAR_ATTN_UNAVAILABLE_REASON``. All compute in float32.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from types import ModuleType
+from sleepzoo.benchmarks.fla_naive import load_naive
 
 __all__ = [
     "naive_recurrent_gated_delta_rule",
@@ -41,37 +37,8 @@ __all__ = [
     "LINEAR_ATTN_UNAVAILABLE_REASON",
 ]
 
-_NAIVE_RELPATH = os.path.join("ops", "gated_delta_rule", "naive.py")
 
-
-def _load(op: str = "gated_delta_rule") -> tuple[ModuleType | None, str | None]:
-    """Load ``fla/ops/<op>/naive.py``; return ``(module, None)`` or ``(None, reason)``."""
-    naive_relpath = os.path.join("ops", op, "naive.py")
-    try:
-        spec = importlib.util.find_spec("fla")
-    except (ImportError, ValueError) as exc:  # a broken install can raise while locating
-        return None, f"fla-core could not be located: {exc}"
-    if spec is None or not spec.submodule_search_locations:
-        return None, "fla-core is not installed"
-    for root in spec.submodule_search_locations:
-        path = os.path.join(root, naive_relpath)
-        if os.path.isfile(path):
-            break
-    else:
-        return None, f"fla-core is installed but has no {naive_relpath}"
-    if importlib.util.find_spec("einops") is None:
-        return None, "fla-core's naive reference needs einops, which is not installed"
-    module_name = "_sleepzoo_fla_naive_gated_delta" if op == "gated_delta_rule" else f"_sleepzoo_fla_naive_{op}"
-    mod_spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(mod_spec)
-    try:
-        mod_spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - any failure means "reference unavailable", with the reason
-        return None, f"loading {path} failed: {type(exc).__name__}: {exc}"
-    return module, None
-
-
-_module, UNAVAILABLE_REASON = _load()
+_module, UNAVAILABLE_REASON = load_naive()
 naive_recurrent_gated_delta_rule = getattr(_module, "naive_recurrent_gated_delta_rule", None)
 naive_chunk_gated_delta_rule = getattr(_module, "naive_chunk_gated_delta_rule", None)
 if _module is not None and (naive_recurrent_gated_delta_rule is None or naive_chunk_gated_delta_rule is None):
@@ -81,7 +48,7 @@ if _module is not None and (naive_recurrent_gated_delta_rule is None or naive_ch
 
 def _load_functions(op: str, names: tuple[str, ...]) -> tuple[list, str | None]:
     """The functions ``names`` of ``fla/ops/<op>/naive.py`` (all ``None`` unless every one loaded), and a reason."""
-    module, reason = _load(op)
+    module, reason = load_naive(op)
     functions = [getattr(module, name, None) for name in names]
     if module is not None and any(f is None for f in functions):
         missing = ", ".join(n for n, f in zip(names, functions) if f is None)

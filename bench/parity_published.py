@@ -10,7 +10,7 @@ print the differences of the logits. See docs/parity.md for the versions, the co
 The published code is NOT a dependency of sleepzoo and is not in this repository: point this script at your own
 checkouts, in an environment that has what they need (transformers 4.5x, and fla for Jet-Nemotron)::
 
-    python tools/parity_published.py --jet-src ~/src/Jet-Nemotron --ouro-src ~/src/Ouro-1.4B
+    python bench/parity_published.py --jet-src ~/src/Jet-Nemotron --ouro-src ~/src/Ouro-1.4B
 
 ``--jet-src``: a clone of github.com/NVlabs/Jet-Nemotron (its ``jetai/modeling/hf`` folder is used), or any
 folder that holds ``modeling_jet_nemotron.py`` and its siblings (e.g. a snapshot of the Hugging Face repo).
