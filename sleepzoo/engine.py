@@ -1,7 +1,26 @@
-"""The sleep engine: cut a sequence into windows, wake, sleep, evict (SPEC 1).
+"""The sleep engine: cut a sequence into chunks, wake, sleep, evict (SPEC 1).
 
-A model gives the engine three lists of blocks, ``prelude``, ``loop`` and ``coda``. For every chunk of new
-tokens (a whole window under ``full_flush``; ``sleep_every`` tokens under ``sliding_window``)::
+Glossary (the names the code, the recipes and the docs use):
+
+* **window** (L, ``sleep.window``): the most tokens the attention cache holds at once.
+* **chunk**: the new tokens between two sleeps: a whole window under ``full_flush``, ``sleep_every`` tokens
+  under ``sliding_window`` (``policy.chunk``). Not the kernels' ``chunk_size``, the block length of a chunked
+  fast-weight op (:mod:`sleepzoo.ops`), which changes no value.
+* **pass**: one run of the looped blocks over a chunk. The **wake** pass is the first: it reads the tokens as
+  they arrive and gives their logits. **Sleep** is what happens when a chunk is full and the next token
+  arrives: the passes after the wake pass, offline, each continuing the fast weights of the one before,
+  then the eviction.
+* **loops** (N, ``sleep.loops``): passes per chunk, the wake pass included (1 = no sleep); ``auto`` lets each
+  sequence stop early (adaptive sleep), and its **passes used** are reported. Ouro's ``wake_passes`` is
+  another thing: the loop steps inside one pass of a looped-depth model.
+* **fast weights** (``mixer.carried_state``): the state of a fast-weight layer (Gated DeltaNet's S); they
+  survive every eviction. **Caches**: attention K/V and conv history, what a chunk may still read of the
+  tokens before it.
+* **eviction**: what the policy keeps of the caches after a sleep. ``full_flush`` keeps none;
+  ``sliding_window`` keeps the last ``retain = window - 1`` tokens' (the **retained context**), and the
+  attention **span** (the most tokens a query attends to, itself included) stays the window.
+
+A model gives the engine three lists of blocks, ``prelude``, ``loop`` and ``coda``. For every chunk::
 
     h = embed(chunk)                             full_flush: positions restart at 0
     h, S = prelude(h, S)                         blocks before the loop run once
@@ -63,7 +82,7 @@ class SleepOutput:
     passes: Tensor | None = None
 
 
-def window_bounds(seq_len: int, chunk: int) -> list[tuple[int, int]]:
+def chunk_bounds(seq_len: int, chunk: int) -> list[tuple[int, int]]:
     """Consecutive [start, end) chunks of at most ``chunk`` tokens covering ``seq_len`` tokens."""
     return [(s, min(s + chunk, seq_len)) for s in range(0, seq_len, chunk)]
 
@@ -472,7 +491,7 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
     policy = resolve_eviction(eviction, window, sleep_every)
     mixers = model.mixers()
     states: list = [None] * len(mixers)
-    bounds = window_bounds(input_ids.shape[1], policy.chunk)
+    bounds = chunk_bounds(input_ids.shape[1], policy.chunk)
     use_ckpt = checkpoint and torch.is_grad_enabled()
     logits_parts: list[Tensor] = []
     positions: list[Tensor] = []

@@ -7,7 +7,7 @@ import torch
 
 import sleepzoo
 from sleepzoo import SleepzooError
-from sleepzoo.engine import window_bounds
+from sleepzoo.engine import chunk_bounds
 
 
 def tiny_recipe(layers=("attention", "gated_deltanet", "attention", "gated_deltanet"), **sleep):
@@ -70,10 +70,10 @@ def manual_sleep_forward(model, ids, window, loops):
     return torch.cat(logits, dim=1)
 
 
-def test_window_bounds():
-    assert window_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
-    assert window_bounds(8, 4) == [(0, 4), (4, 8)]
-    assert window_bounds(3, 24) == [(0, 3)]
+def test_chunk_bounds():
+    assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert chunk_bounds(8, 4) == [(0, 4), (4, 8)]
+    assert chunk_bounds(3, 24) == [(0, 3)]
 
 
 @pytest.mark.parametrize("loops", [1, 3])
