@@ -65,18 +65,22 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    #: Token strings, index = token id (tokenizers that keep their own table; others override :attr:`vocab`).
+    _vocab: Sequence[str] = ()
+
     @property
     def vocab(self) -> list[str]:
         """Token strings; index = token id."""
-        raise NotImplementedError
+        return list(self._vocab)
 
     @property
     def vocab_size(self) -> int:
-        return len(self.vocab)
+        return len(self._vocab) if self._vocab else len(self.vocab)  # no copy of a large table
 
     @property
     def pad_id(self) -> int:
-        raise NotImplementedError
+        """The padding id: 0, ``<pad>``, for sleepzoo's own tokenizers."""
+        return 0
 
     @property
     def eos_id(self) -> int | None:
@@ -130,17 +134,6 @@ class WordTokenizer(Tokenizer):
             out.append(w)
         return "".join(out)
 
-    @property
-    def vocab(self) -> list[str]:
-        return list(self._vocab)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def pad_id(self) -> int:
-        return 0
 
 
 class JsonTokenizer(Tokenizer):
@@ -190,14 +183,6 @@ class JsonTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     @property
-    def vocab(self) -> list[str]:
-        return list(self._vocab)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
     def pad_id(self) -> int:
         return self._pad_id
 
@@ -243,17 +228,6 @@ class ByteTokenizer(Tokenizer):
             out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 
-    @property
-    def vocab(self) -> list[str]:
-        return list(self._vocab)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def pad_id(self) -> int:
-        return 0
 
     @property
     def eos_id(self) -> int:

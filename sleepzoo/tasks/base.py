@@ -439,3 +439,45 @@ class Task:
                     per_value[str(int(v))]["passes_mean"] = pass_summary(slept[at])["passes_mean"]
         result.update(self._extra_metrics(predictions, {**data, "token_loss": token_loss}))
         return result
+
+
+class TokenizedTask(Task):
+    """A task whose tokens come from a tokenizer (``self._tok``, a :class:`sleepzoo.tokenizer.Tokenizer`, set
+    by the subclass's ``__init__``): its vocabulary, size and pad id are the tokenizer's."""
+
+    _tok: Any
+
+    @property
+    def vocab(self) -> list[str]:
+        return self._tok.vocab
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        return self._tok.pad_id
+
+    @property
+    def tokenizer_object(self) -> Any:
+        """The tokenizer itself (what decodes a model's generated ids, e.g. ``sleepzoo generate``)."""
+        return self._tok
+
+    def decode(self, ids: Any, targets: Any = None) -> str:
+        """The text of an example (trailing padding dropped); with ``targets``, ``" => "`` and the target
+        tokens decoded. A 2-D input gives one line per example."""
+        ids_t = torch.as_tensor(ids)
+        tg_t = None if targets is None else torch.as_tensor(targets)
+        if ids_t.ndim == 2:
+            return "\n".join(self.decode(ids_t[i], None if tg_t is None else tg_t[i]) for i in range(len(ids_t)))
+        seq = ids_t.tolist()
+        while seq and seq[-1] == self.pad_id:
+            seq.pop()
+        text = self._tok.decode(seq)
+        if tg_t is not None:
+            if tg_t.shape != ids_t.shape:
+                raise SleepzooError(f"decode: targets shape {tuple(tg_t.shape)} differs from ids shape "
+                                    f"{tuple(ids_t.shape)}")
+            text += " => " + self._tok.decode(t for t in tg_t.tolist() if t != IGNORE_INDEX).strip()
+        return text

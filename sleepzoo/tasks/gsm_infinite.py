@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sleepzoo.registry import SleepzooError
-from sleepzoo.tasks.base import IGNORE_INDEX, SPLITS, Task, _check_int
+from sleepzoo.tasks.base import IGNORE_INDEX, SPLITS, TokenizedTask, _check_int
 from sleepzoo.tokenizer import WORD_PATTERN, Tokenizer, WordTokenizer, describe_tokenizer, load_tokenizer
 
 FAMILIES = ("symbolic", "realistic")
@@ -385,7 +385,7 @@ class Rendered:
 
 
 # ------------------------------------------------------------------------------------------------ task
-class GSMInfinite(Task):
+class GSMInfinite(TokenizedTask):
     """GSM-Infinite (SPEC 2): GSM8K-like problems, difficulty = operations ``op``, length = distractors.
 
     A clean-room generator written from the paper's description (no code or template of the unlicensed
@@ -499,18 +499,6 @@ number of manuals in Elm Library. Answer: 4. => 4.
 
     # ------------------------------------------------------------------------------------ properties
     @property
-    def vocab(self) -> list[str]:
-        return self._tok.vocab
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.vocab_size
-
-    @property
-    def pad_id(self) -> int:
-        return self._tok.pad_id
-
-    @property
     def seq_len(self) -> int:
         return self.max_tokens
 
@@ -522,10 +510,6 @@ number of manuals in Elm Library. Answer: 4. => 4.
     def test_size(self) -> int:
         """The whole test split: ``test_per_op`` problems per op."""
         return self.test_per_op * len(self.ops)
-
-    @property
-    def tokenizer_object(self) -> Tokenizer:
-        return self._tok
 
     # ------------------------------------------------------------------------------------ token counts
     def _count(self, text: str) -> int:
@@ -754,25 +738,6 @@ number of manuals in Elm Library. Answer: 4. => 4.
             for core, seed in zip(content["core"], content["seed"]):
                 if self._materialize(core, int(seed[0])).length <= self.max_tokens:
                     self._render(core, int(seed[1]))
-
-    # --------------------------------------------------------------------------------------- display
-    def decode(self, ids: Any, targets: Any = None) -> str:
-        """The text of an example (trailing padding dropped); with ``targets``, ``" => "`` and the target
-        tokens decoded. A 2-D input gives one line per example."""
-        ids_t = torch.as_tensor(ids)
-        tg_t = None if targets is None else torch.as_tensor(targets)
-        if ids_t.ndim == 2:
-            return "\n".join(self.decode(ids_t[i], None if tg_t is None else tg_t[i]) for i in range(len(ids_t)))
-        seq = ids_t.tolist()
-        while seq and seq[-1] == self.pad_id:
-            seq.pop()
-        text = self._tok.decode(seq)
-        if tg_t is not None:
-            if tg_t.shape != ids_t.shape:
-                raise SleepzooError(f"decode: targets shape {tuple(tg_t.shape)} differs from ids shape "
-                                    f"{tuple(ids_t.shape)}")
-            text += " => " + self._tok.decode(t for t in tg_t.tolist() if t != IGNORE_INDEX).strip()
-        return text
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from sleepzoo.registry import SleepzooError
-from sleepzoo.tasks.base import IGNORE_INDEX, Task, _check_int
+from sleepzoo.tasks.base import IGNORE_INDEX, TokenizedTask, _check_int
 from sleepzoo.tasks.text import load_documents, load_text_tokenizer
-from sleepzoo.tokenizer import Tokenizer, describe_tokenizer
+from sleepzoo.tokenizer import describe_tokenizer
 
 NEEDLE = " The pass key is {key}. Remember it. "
 QUESTION = " What is the pass key? The pass key is"
@@ -34,7 +34,7 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-class Passkey(Task):
+class Passkey(TokenizedTask):
     """Passkey retrieval across evicted windows: recall a key of digits read many windows before the question.
 
     An example is exactly ``length`` tokens::
@@ -133,24 +133,8 @@ class Passkey(Task):
 
     # ------------------------------------------------------------------------------------ properties
     @property
-    def vocab(self) -> list[str]:
-        return self._tok.vocab
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.vocab_size
-
-    @property
-    def pad_id(self) -> int:
-        return self._tok.pad_id
-
-    @property
     def seq_len(self) -> int:
         return max(self._lengths)
-
-    @property
-    def tokenizer_object(self) -> Tokenizer:
-        return self._tok
 
     # ------------------------------------------------------------------------------------ generation
     def _draw(self, rng: np.random.Generator, m: int) -> dict[str, np.ndarray]:
@@ -201,22 +185,6 @@ class Passkey(Task):
                 "depth_pct": torch.from_numpy(np.round(depths * 100).astype(np.int64)),
                 "length": torch.from_numpy(lengths), "key": torch.from_numpy(content["key"].copy()),
                 "needle_start": torch.from_numpy(needle_start)}
-
-    # --------------------------------------------------------------------------------------- display
-    def decode(self, ids: Any, targets: Any = None) -> str:
-        """The text of an example (trailing padding dropped); with ``targets``, ``" => "`` and the target
-        tokens decoded (the digits). A 2-D input gives one line per example."""
-        ids_t = torch.as_tensor(ids)
-        tg_t = None if targets is None else torch.as_tensor(targets)
-        if ids_t.ndim == 2:
-            return "\n".join(self.decode(ids_t[i], None if tg_t is None else tg_t[i]) for i in range(len(ids_t)))
-        seq = ids_t.tolist()
-        while seq and seq[-1] == self.pad_id:
-            seq.pop()
-        text = self._tok.decode(seq)
-        if tg_t is not None:
-            text += " => " + self._tok.decode(t for t in tg_t.tolist() if t != IGNORE_INDEX).strip()
-        return text
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sleepzoo.registry import SleepzooError
-from sleepzoo.tasks.base import IGNORE_INDEX, SPLITS, Task, _check_int, stable_hash
+from sleepzoo.tasks.base import IGNORE_INDEX, SPLITS, TokenizedTask, _check_int, stable_hash
 from sleepzoo.tokenizer import BUILTIN, Tokenizer, describe_tokenizer, load_tokenizer
 
 PACKINGS = ("pack", "crop")
@@ -240,7 +240,7 @@ def _grouped(token_loss: torch.Tensor, correct: torch.Tensor, mask: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------- task
-class TextTask(Task):
+class TextTask(TokenizedTask):
     """Language modelling on your own documents: next-token loss everywhere, per window and per position.
 
     **Corpus.** ``paths``: a file, a directory (searched recursively for ``.txt .text .md .rst .jsonl
@@ -322,24 +322,8 @@ class TextTask(Task):
 
     # ------------------------------------------------------------------------------------ properties
     @property
-    def vocab(self) -> list[str]:
-        return self._tok.vocab
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.vocab_size
-
-    @property
-    def pad_id(self) -> int:
-        return self._tok.pad_id
-
-    @property
     def seq_len(self) -> int:
         return self._seq_len
-
-    @property
-    def tokenizer_object(self) -> Tokenizer:
-        return self._tok
 
     def num_examples(self, split: str) -> int:
         """The examples a split holds: windows of the packed stream (test: non-overlapping; train: every
