@@ -257,3 +257,30 @@ def test_rmsnorm_precision_paths():
     out = qb(xb)  # one rounding to bf16, at the end
     assert torch.equal(out, (normed * qb.weight.double()).bfloat16())
     assert not torch.equal(out, normed.bfloat16() * qb.weight)
+
+
+def test_the_family_is_a_registered_mixer_a_recipe_can_configure_per_projection():
+    import sleepzoo
+    from sleepzoo import registry
+
+    assert registry.get("mixer", "gated_delta_mixer") is GatedDeltaMixer
+    mixers = {"num_heads": 2, "head_dim": 8, "chunk_size": 4}
+    family = {"model": {"d_model": 16, "layers": ["attention", "gated_delta_mixer"], "vocab_size": 11,
+                        "mixers": {"attention": {"num_heads": 2}, "gated_delta_mixer": mixers}},
+              "sleep": {"window": 6, "loops": 2}}
+    named = {**family, "model": {**family["model"], "layers": ["attention", "gated_deltanet"],
+                                 "mixers": {"attention": {"num_heads": 2}, "gated_deltanet": mixers}}}
+    torch.manual_seed(0)
+    a = sleepzoo.build_model(sleepzoo.load_recipe(family))
+    torch.manual_seed(0)
+    b = sleepzoo.build_model(sleepzoo.load_recipe(named))
+    assert list(a.state_dict()) == list(b.state_dict())  # short convs everywhere: gated_deltanet's names
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    ids = torch.randint(0, 11, (2, 13))
+    assert torch.equal(a(ids).logits, b(ids).logits)
+    mixed = {**family, "model": {**family["model"], "mixers": {
+        "attention": {"num_heads": 2}, "gated_delta_mixer": {**mixers, "q_conv": "none", "v_conv": "dynamic",
+                                                              "dconv_generator_reduction": 2}}}}
+    model = sleepzoo.build_model(sleepzoo.load_recipe(mixed))
+    names = {n.split("self_attn.")[1].split(".")[0] for n, _ in model.named_parameters() if "layers.1.self_attn" in n}
+    assert {"k_conv1d", "dynamic_conv1d"} <= names and "q_conv1d" not in names and "v_conv1d" not in names

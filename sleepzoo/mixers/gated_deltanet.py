@@ -71,7 +71,7 @@ class GatedDeltaMixer(nn.Module):
     """
 
     carried_state: tuple[str, ...] = ("fast_weights",)
-    mixer_name = "gated delta mixer"  # in messages: the registered name of a configuration
+    mixer_name = "gated_delta_mixer"  # in messages: the registered name (of the family, or a configuration)
     # fla registers a_proj first, Jet-Nemotron b_proj: the order fixes a seeded build's initial weights
     head_gate_order: tuple[str, str] = ("a_proj", "b_proj")
 
