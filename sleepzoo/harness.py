@@ -54,8 +54,8 @@ else:
 NAME = "sleepzoo"
 INSTALL = "pip install -e '.[eval]' (or pip install 'lm-eval==0.4.13')"
 #: Keyword arguments of ``--model_args`` (and of :class:`SleepzooLM`).
-MODEL_ARGS = ("run", "pretrained", "window", "loops", "eviction", "sleep_every", "dtype", "device", "batch_size",
-              "max_batch_size", "tokenizer", "max_length", "seed")
+MODEL_ARGS = ("run", "pretrained", "window", "loops", "max_loops", "tolerance", "eviction", "sleep_every", "dtype",
+              "device", "batch_size", "max_batch_size", "tokenizer", "max_length", "seed")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Tokens tried, in order, as the end-of-text token (the prefix of an empty context and of rolling documents,
 #: and a stop string of generation); a tokenizer with none of them uses its padding token as the prefix.
@@ -186,7 +186,8 @@ class SleepzooLM(TemplateLM):  # type: ignore[misc, valid-type]
         run: a run directory (``sleepzoo train --out``); its newest weights, as ``sleepzoo generate`` loads them.
         pretrained: a pretrained folder (config.json + safetensors), read by :func:`sleepzoo.from_pretrained`.
         window, loops, eviction, sleep_every: sleep settings (default the model's own: the run's last stage,
-            or the folder's published / saved settings).
+            or the folder's published / saved settings); ``loops=auto`` sleeps adaptively, with
+            ``max_loops`` and ``tolerance`` (docs/adaptive-sleep.md).
         dtype: float32, float64, bfloat16, float16 or auto (default: the run's float32, the folder's
             torch_dtype).
         device: default cuda when available, else cpu.
@@ -200,8 +201,8 @@ class SleepzooLM(TemplateLM):  # type: ignore[misc, valid-type]
     """
 
     def __init__(self, run: str | None = None, pretrained: str | None = None, window: int | None = None,
-                 loops: int | None = None, eviction: str | None = None, sleep_every: int | None = None,
-                 dtype: Any = None, device: Any = None, batch_size: Any = 1, max_batch_size: Any = None,
+                 loops: int | str | None = None, eviction: str | None = None, sleep_every: int | None = None,
+                 max_loops: int | None = None, tolerance: float | None = None, dtype: Any = None, device: Any = None, batch_size: Any = 1, max_batch_size: Any = None,
                  tokenizer: str | None = None, max_length: int | None = None, seed: int = 0, **unknown: Any):
         if _MISSING is not None:
             raise _missing()
@@ -234,7 +235,8 @@ class SleepzooLM(TemplateLM):  # type: ignore[misc, valid-type]
             raise SleepzooError(f"tokenizer {self.tok.spec!r} has {self.tok.vocab_size} tokens but the model's "
                                 f"vocabulary has {vocab} rows: its ids would not fit; give the model's own tokenizer")
         self.model.eval()
-        self.settings = {"window": window, "loops": loops, "eviction": eviction, "sleep_every": sleep_every}
+        self.settings = {"window": window, "loops": loops, "eviction": eviction, "sleep_every": sleep_every,
+                         "max_loops": max_loops, "tolerance": tolerance}
         self.new_stream()  # the settings checked now, before any request: one clear error for a bad value
         self.generator = torch.Generator(device=self._device).manual_seed(seed)
         vocab_tokens = self.tok.vocab

@@ -369,3 +369,17 @@ def test_the_command_lines_bad_model_argument_is_one_line(folder, offline, capsy
               "--include_path", str(offline)])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert info.value.code == 2 and last.startswith("error: ") and "loops=0" in last, last
+
+
+def test_adaptive_sleep_reaches_the_harness(folder):
+    """loops=auto with its bounds: the scores are the engine's under the same adaptive settings."""
+    sleep = {"window": 5, "loops": "auto", "max_loops": 4, "tolerance": 0.2}
+    lm = SleepzooLM(pretrained=str(folder), dtype="float64", device="cpu", **sleep)
+    got = lm.loglikelihood(requests(*PAIRS), disable_tqdm=True)
+    model = reference(folder)
+    for (ctx, cont), (ll, _) in zip(PAIRS, got):
+        k = encode(cont)
+        lp, _ = direct_logprobs(model, encode(ctx) + k, **sleep)
+        assert ll == pytest.approx(float(lp[-len(k):].sum()), rel=1e-10, abs=1e-10)
+    with pytest.raises(SleepzooError, match="tolerance"):
+        SleepzooLM(pretrained=str(folder), dtype="float64", device="cpu", window=5, loops=2, tolerance=0.2)

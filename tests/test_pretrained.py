@@ -122,7 +122,8 @@ def test_api_is_exported_lazily_and_builds_the_reference_configs_on_meta():
 
 def test_unknown_overrides_list_the_allowed_names():
     with pytest.raises(SleepzooError, match=r"unknown override\(s\) windw .*did you mean 'window'.*allowed: window, "
-                                            r"loops, eviction, sleep_every, checkpoint, loop_start, loop_end"):
+                                            r"loops, max_loops, tolerance, eviction, sleep_every, checkpoint, "
+                                            r"loop_start, loop_end"):
         from_config(JET, windw=4)
     with pytest.raises(SleepzooError, match=r"wake_passes is ouro's"):
         from_config(JET, wake_passes=1)
