@@ -481,7 +481,8 @@ def sleepzoo_settings(model: nn.Module) -> dict[str, Any]:
     if isinstance(sleep, SleepConfig):
         published = published_sleep(config)
         if any(getattr(sleep, k) != getattr(published, k) for k in SAVED_SLEEP):
-            out.update({k: getattr(sleep, k) for k in SAVED_SLEEP})
+            out.update({k: getattr(sleep, k) for k in SAVED_SLEEP  # the bounds of loops: auto only when set
+                        if getattr(sleep, k) is not None or k not in ("max_loops", "tolerance")})
         default = SleepConfig()
         out.update({k: getattr(sleep, k) for k in STABILISERS if getattr(sleep, k) != getattr(default, k)})
     own = getattr(model, "sleepzoo_settings", None)

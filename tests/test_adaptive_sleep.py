@@ -244,9 +244,8 @@ def _auto_recipe(*overrides):
 def test_training_logs_passes_and_resumes_exactly(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from sleepzoo.build import build_task
-    from sleepzoo.train import batch_seed, train
-    from test_train import Killed, read_lines
+    from sleepzoo.train import train
+    from test_train import read_lines, train_until_killed
 
     recipe = _auto_recipe("train.log_every=3", "train.checkpoint_every=2", "train.steps=6")
     straight = train(recipe, tmp_path / "a", progress=False)
@@ -255,19 +254,8 @@ def test_training_logs_passes_and_resumes_exactly(tmp_path, monkeypatch):
     assert [r["step"] for r in logged] == [3, 6]
     assert all(1.0 <= r["passes"] <= 3.0 for r in logged)
     assert 1.0 <= straight["passes_mean"] <= 3.0 and set(straight["passes_hist"]) <= {"1", "2", "3"}
-    # killed in step 4 (after the checkpoint of step 2, in the middle of the log interval 4-6)
-    task_cls = type(build_task(recipe))
-    real = task_cls.generate
-
-    def dying(self, num_examples, seed, split="train"):
-        if split == "train" and seed == batch_seed(recipe.train.seed, 4):
-            raise Killed
-        return real(self, num_examples, seed, split)
-
-    monkeypatch.setattr(task_cls, "generate", dying)
-    with pytest.raises(Killed):
-        train(recipe, tmp_path / "b", progress=False)
-    monkeypatch.setattr(task_cls, "generate", real)
+    # killed in step 5 (after the checkpoint of step 4, in the middle of the log interval 4-6)
+    train_until_killed(recipe, tmp_path / "b", monkeypatch, 4)
     train(recipe, tmp_path / "b", resume=True, progress=False)
     assert read_lines(tmp_path / "b") == lines
     a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))

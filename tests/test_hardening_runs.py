@@ -27,7 +27,7 @@ from sleepzoo.registry import SleepzooError
 from sleepzoo.runlock import RunBusy, RunLock, lock_holder
 from sleepzoo.train import batch_seed, evaluate_run, train
 from test_cli import assert_one_line_error, invoke, plugins, recipe_file  # noqa: F401  (fixtures)
-from test_train import TIMING, Killed, ToyCopy, read_lines, toy_plugins, toy_recipe  # noqa: F401  (a fixture)
+from test_train import TIMING, ToyCopy, read_lines, toy_plugins, toy_recipe, train_until_killed  # noqa: F401
 
 C4 = "checkpoints/step_0000004"
 
@@ -182,17 +182,7 @@ def test_eval_of_a_run_being_trained_shows_the_result_but_writes_nothing(plugins
 
 def killed_after_step_4(run: Path, monkeypatch) -> None:
     """Train until the batch of step 5 is asked for: checkpoints of steps 2 and 4 are on disk."""
-    real_generate = ToyCopy.generate
-
-    def dying_generate(self, num_examples, seed, split="train"):
-        if split == "train" and seed == batch_seed(3, 4):
-            raise Killed
-        return real_generate(self, num_examples, seed, split)
-
-    monkeypatch.setattr(ToyCopy, "generate", dying_generate)
-    with pytest.raises(Killed):
-        train(toy_recipe(), run, progress=False)
-    monkeypatch.setattr(ToyCopy, "generate", real_generate)
+    train_until_killed(toy_recipe(), run, monkeypatch, 4)
     assert latest_checkpoint(run / "checkpoints").name == "step_0000004"
 
 

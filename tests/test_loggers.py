@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 from test_distributed import tiny_recipe, torchrun
-from test_train import Killed, ToyCopy, read_lines, toy_plugins, toy_recipe  # noqa: F401
+from test_train import read_lines, toy_plugins, toy_recipe, train_until_killed  # noqa: F401
 
 from sleepzoo import distributed, loggers
 from sleepzoo.config import RecipeError, load_recipe
-from sleepzoo.train import batch_seed, train
+from sleepzoo.train import train
 
 ALL = "train.loggers=[jsonl,tensorboard,wandb]"
 TIMING = ("tokens_per_s", "elapsed_s", "train_time_s")
@@ -176,17 +176,7 @@ def test_a_resumed_run_continues_its_loggers(fakes, tmp_path, monkeypatch):
     fakes.runs.clear()
 
     killed = tmp_path / "killed"  # dies generating step index 3: steps 1-3 logged, newest checkpoint step 2
-    real_generate = ToyCopy.generate
-
-    def dying_generate(self, num_examples, seed, split="train"):
-        if split == "train" and seed == batch_seed(3, 3):
-            raise Killed
-        return real_generate(self, num_examples, seed, split)
-
-    monkeypatch.setattr(ToyCopy, "generate", dying_generate)
-    with pytest.raises(Killed):
-        train(toy_recipe(ALL), killed, progress=False)
-    monkeypatch.setattr(ToyCopy, "generate", real_generate)
+    train_until_killed(toy_recipe(ALL), killed, monkeypatch, 3)
     train(toy_recipe(ALL), killed, resume=True, progress=False)
 
     first, second = fakes.writers
@@ -257,17 +247,7 @@ def test_a_missing_package_is_refused_before_anything_is_written(toy_plugins, tm
 
 
 def kill_and_resume(run: Path, monkeypatch, *overrides: str) -> None:
-    real_generate = ToyCopy.generate
-
-    def dying_generate(self, num_examples, seed, split="train"):
-        if split == "train" and seed == batch_seed(3, 3):
-            raise Killed
-        return real_generate(self, num_examples, seed, split)
-
-    monkeypatch.setattr(ToyCopy, "generate", dying_generate)
-    with pytest.raises(Killed):
-        train(toy_recipe(*overrides), run, progress=False)
-    monkeypatch.setattr(ToyCopy, "generate", real_generate)
+    train_until_killed(toy_recipe(*overrides), run, monkeypatch, 3)
     train(toy_recipe(*overrides), run, resume=True, progress=False)
 
 

@@ -348,6 +348,28 @@ class Killed(Exception):
     """Stands in for the process being killed."""
 
 
+def train_until_killed(recipe, run: Path, monkeypatch, step: int, task_cls=None) -> None:
+    """Train ``recipe`` into ``run`` and die (:class:`Killed`) when the training batch of step index ``step``
+    is asked for, as a killed process would; the task's ``generate`` is restored afterwards."""
+    if task_cls is None:
+        from sleepzoo.build import build_task
+
+        task_cls = type(build_task(recipe))
+    real = task_cls.generate
+
+    def dying(self, num_examples, seed, split="train"):
+        if split == "train" and seed == batch_seed(recipe.train.seed, step):
+            raise Killed
+        return real(self, num_examples, seed, split)
+
+    monkeypatch.setattr(task_cls, "generate", dying)
+    try:
+        with pytest.raises(Killed):
+            train(recipe, run, progress=False)
+    finally:
+        monkeypatch.setattr(task_cls, "generate", real)
+
+
 def test_resume_is_exact(toy_plugins, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     train(toy_recipe(), straight, progress=False)
@@ -355,19 +377,9 @@ def test_resume_is_exact(toy_plugins, tmp_path, monkeypatch):
     # Kill the second run while it generates the batch of step index 3: steps 1-3 are logged (and step 3
     # evaluated) but the newest checkpoint is step 2, so the resumed run must redo step 3 exactly.
     killed = tmp_path / "killed"
-    real_generate = ToyCopy.generate
-
-    def dying_generate(self, num_examples, seed, split="train"):
-        if split == "train" and seed == batch_seed(3, 3):
-            raise Killed
-        return real_generate(self, num_examples, seed, split)
-
-    monkeypatch.setattr(ToyCopy, "generate", dying_generate)
-    with pytest.raises(Killed):
-        train(toy_recipe(), killed, progress=False)
+    train_until_killed(toy_recipe(), killed, monkeypatch, 3)
     assert [r["step"] for r in read_lines(killed)] == [1, 2, 3, 3]
     assert latest_checkpoint(killed / "checkpoints").name == "step_0000002"
-    monkeypatch.setattr(ToyCopy, "generate", real_generate)
 
     resumed = train(toy_recipe(), killed, resume=True, progress=False)
     assert read_lines(killed) == read_lines(straight)  # every loss, lr, grad norm and eval, bit for bit
@@ -605,18 +617,7 @@ def test_real_hybrid_on_rule110_trains_and_resumes_exactly(tmp_path, monkeypatch
     assert straight["step"] == 4 and 0.0 <= straight["exact_accuracy"] <= 1.0
     assert "label_accuracy" in straight
 
-    task_cls = type(sleepzoo.build_task(recipe))
-    real_generate = task_cls.generate
-
-    def dying_generate(self, num_examples, seed, split="train"):
-        if split == "train" and seed == batch_seed(recipe.train.seed, 3):
-            raise Killed
-        return real_generate(self, num_examples, seed, split)
-
-    monkeypatch.setattr(task_cls, "generate", dying_generate)
-    with pytest.raises(Killed):
-        train(recipe, tmp_path / "b", progress=False)
-    monkeypatch.setattr(task_cls, "generate", real_generate)
+    train_until_killed(recipe, tmp_path / "b", monkeypatch, 3)
     train(recipe, tmp_path / "b", resume=True, progress=False)
     assert read_lines(tmp_path / "b") == read_lines(tmp_path / "a")
     a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
