@@ -137,6 +137,8 @@ def build_model(recipe: Recipe, *, vocab_size: int | None = None) -> Any:
         if probe is not None:  # weights that can not fit are refused before they are allocated
             check_model_size(recipe, probe)
         model = call_builder(builder, recipe.model, vocab_size=vocab_size, sleep=recipe.sleep, where=recipe.source)
+        if isinstance(getattr(model, "config", None), ModelConfig):  # the recipe's section as given (vocab_size
+            model.config = recipe.model  # included): what a saved memory's fingerprint was taken of
         if on_meta:
             check_model_size(recipe, model)
     except RecipeError as exc:  # builders check their options without knowing the file: name it here

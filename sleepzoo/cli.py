@@ -113,7 +113,7 @@ def _parse_loop_list(ctx: click.Context, param: click.Parameter, value: str | No
     for item in items:
         if item == "auto":
             out.append(item)
-        elif item.isdigit() and int(item) >= 1:
+        elif item.isascii() and item.isdecimal() and int(item) >= 1:
             out.append(int(item))
         else:
             raise click.BadParameter(f"{item!r} is not a loop count: give integers >= 1 and/or auto, comma "
@@ -168,20 +168,21 @@ def eval_command(run_dir: str, num_examples: int | None, loops: list | None, max
     if loops is None:  # the recipe's own loops (adaptive or not: evaluate_run refuses bounds without auto)
         settings = [(None, t) for t in tolerance or [None]]
     else:
-        if tolerance and "auto" not in loops:
-            raise click.BadParameter("--tolerance goes with --loops auto (adaptive sleep)", param_hint="--tolerance")
+        for given, name in ((tolerance, "--tolerance"), (max_loops, "--max-loops")):
+            if given is not None and "auto" not in loops:
+                raise click.BadParameter(f"{name} goes with --loops auto (adaptive sleep)", param_hint=name)
         settings = [(n, None) for n in loops if n != "auto"]
         settings += [("auto", t) for t in tolerance or [None]] if "auto" in loops else []
     if len(settings) == 1:
         (n, tol), = settings
         result, path = evaluate_run(run_dir, num_examples=num_examples, loops=n, window=window,
-                                    max_loops=max_loops, tolerance=tol)
+                                    max_loops=max_loops if n in (None, "auto") else None, tolerance=tol)
         _print_evaluation(run_dir, result, path)
         return
     rows = []
     for n, tol in settings:
         result, path = evaluate_run(run_dir, num_examples=num_examples, loops=n, window=window,
-                                    max_loops=max_loops, tolerance=tol)
+                                    max_loops=max_loops if n in (None, "auto") else None, tolerance=tol)
         rows.append({**result, "label": report.loops_label(result["loops"], result.get("tolerance"))})
         click.echo(f"loops {rows[-1]['label']}: passes {report.format_value(result.get('passes_mean'))} "
                    f"({report.format_value(result.get('passes_hist'))}), exact acc "

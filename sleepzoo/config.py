@@ -240,7 +240,10 @@ TOP_LEVEL = (*SECTIONS, "stages")
 
 
 def _resolve_stage(recipe: Recipe, stage: StageConfig) -> Recipe:
-    sleep = dataclasses.replace(recipe.sleep, **copy.deepcopy(stage.sleep))
+    own = copy.deepcopy(stage.sleep)
+    if own.get("loops") not in (None, "auto"):  # a fixed count: the bounds of a top-level loops: auto do not apply
+        own = {"max_loops": None, "tolerance": None, **own}
+    sleep = dataclasses.replace(recipe.sleep, **own)
     train = dataclasses.replace(recipe.train, **{**copy.deepcopy(stage.train), "steps": stage.steps})
     return dataclasses.replace(recipe, sleep=sleep, train=train, stages=[])
 

@@ -293,12 +293,17 @@ def _must_run_every_pass() -> bool:
 def pass_summary(passes: Tensor) -> dict:
     """``{"passes_mean": m, "passes_hist": {"n": count}}`` of a tensor of passes used (any shape, one entry a
     sequence and window slept); ``passes_mean`` is None when nothing was slept."""
-    flat = passes.reshape(-1).long()
-    if flat.numel() == 0:
+    values, counts = torch.unique(passes.reshape(-1).long().cpu(), return_counts=True)
+    return summary_of_counts({int(v): int(c) for v, c in zip(values, counts)})
+
+
+def summary_of_counts(counts: dict[int, int]) -> dict:
+    """:func:`pass_summary` of a histogram ``{passes used: how many}``."""
+    total = sum(counts.values())
+    if total == 0:
         return {"passes_mean": None, "passes_hist": {}}
-    values, counts = torch.unique(flat.cpu(), return_counts=True)
-    return {"passes_mean": float(flat.double().mean()),
-            "passes_hist": {str(int(v)): int(c) for v, c in zip(values, counts)}}
+    return {"passes_mean": sum(n * c for n, c in counts.items()) / total,
+            "passes_hist": {str(n): counts[n] for n in sorted(counts)}}
 
 
 AUTO = rules.AUTO
@@ -564,7 +569,7 @@ class Stream:
         self.filled = 0  # tokens of the current chunk seen so far
         self.tokens = 0  # tokens seen in all
         self.sleeps = 0
-        self.passes: list[list[int]] = []  # per sleep, the passes each row used
+        self.pass_counts: dict[int, int] = {}  # passes used -> how many (sleep, row) took that many: bounded
         self.batch: int | None = None  # rows, fixed by the first feed (the states hold one memory per row)
 
     def feed(self, ids: Tensor) -> Tensor:
@@ -594,7 +599,7 @@ class Stream:
         shared until either stream replaces them, which is safe because the engine never changes a state
         tensor in place."""
         other = copy.copy(self)
-        other.states, other.feats = list(self.states), list(self.feats)
+        other.states, other.feats, other.pass_counts = list(self.states), list(self.feats), dict(self.pass_counts)
         other.chunk_start = other.states if self.chunk_start is self.states else list(self.chunk_start)
         return other
 
@@ -614,15 +619,16 @@ class Stream:
         return load_stream(model, path, **settings)
 
     def pass_summary(self) -> dict:
-        """The passes used so far: :func:`pass_summary` over every sleep and row."""
-        return pass_summary(torch.tensor(self.passes, dtype=torch.long).reshape(-1))
+        """The passes used so far, over every sleep and row (as :func:`pass_summary` gives them)."""
+        return summary_of_counts(self.pass_counts)
 
     def sleep(self) -> None:
         """Consolidate the current chunk (passes 2..loops) and evict; the next token starts a new chunk."""
         feats = torch.cat(self.feats, dim=1)  # (B, chunk, d)
         states, used = consolidate(self.model, feats, self.states, self.chunk_start, self.max_passes,
                                    self.policy.span, **self.stabilise)
-        self.passes.append(used.tolist() if not used.is_meta else [self.max_passes] * used.shape[0])  # meta: sizes
+        for n in used.tolist() if not used.is_meta else [self.max_passes] * used.shape[0]:  # meta: sizes only
+            self.pass_counts[n] = self.pass_counts.get(n, 0) + 1
         self.states = self.chunk_start = self.policy.evict(states, self.mixers)
         self.feats, self.filled = [], 0
         self.sleeps += 1

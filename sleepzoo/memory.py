@@ -162,7 +162,7 @@ def save_stream(stream: Any, path: str | Path) -> Path:
         "model": model_fingerprint(stream.model),
         "settings": stream_settings(stream),
         "tokens": stream.tokens, "filled": stream.filled, "sleeps": stream.sleeps,
-        "passes": stream.passes,
+        "passes": {str(n): c for n, c in sorted(stream.pass_counts.items())},  # passes used -> how many
         "states": packer.pack(list(stream.states), "states"),
         "chunk_start": "states" if same_start else packer.pack(list(stream.chunk_start), "chunk_start"),
         "feats": packer.pack(torch.cat(stream.feats, dim=1), "feats") if stream.feats else None,
@@ -259,24 +259,27 @@ def load_stream(model: torch.nn.Module, path: str | Path, **settings: Any) -> An
     feats = header.get("feats")
     stream.feats = [] if feats is None else [_unpack(feats, tensors, device, source)]
     stream.tokens, stream.filled, stream.sleeps = int(header["tokens"]), int(header["filled"]), int(header["sleeps"])
-    stream.passes = [list(map(int, row)) for row in header.get("passes") or []]  # absent before adaptive sleep
+    stream.pass_counts = _pass_counts(header.get("passes"))
     stream.batch = header["batch"]
     return stream
 
 
-def _passes_summary(passes: Any) -> dict[str, Any]:
-    from .engine import pass_summary
-
+def _pass_counts(saved: Any) -> dict[int, int]:
+    """The histogram of passes a header holds (absent in files written before adaptive sleep: empty)."""
+    if not isinstance(saved, dict):
+        return {}
     try:
-        return pass_summary(torch.tensor(passes or [], dtype=torch.long))
-    except (TypeError, ValueError, RuntimeError):
-        return {"passes_mean": None, "passes_hist": {}}
+        return {int(n): int(c) for n, c in saved.items()}
+    except (TypeError, ValueError):
+        return {}
 
 
 def describe(path: str | Path) -> dict[str, Any]:
     """What a memory file holds, for ``sleepzoo memory show``: settings, position, model and tensor bytes."""
+    from .engine import summary_of_counts
+
     header, tensors = read_memory(path)
-    per_kind = _bytes_per_kind(tensors)
     return {"file": str(path), "file_bytes": Path(path).stat().st_size, "settings": header["settings"],
             "tokens": header["tokens"], "filled": header["filled"], "sleeps": header["sleeps"],
-            "passes": _passes_summary(header.get("passes")), "batch": header.get("batch"), "model": header["model"], "tensor_bytes": per_kind}
+            "passes": summary_of_counts(_pass_counts(header.get("passes"))), "batch": header.get("batch"),
+            "model": header["model"], "tensor_bytes": _bytes_per_kind(tensors)}

@@ -196,7 +196,10 @@ def _apply(model: nn.Module, model_type: str, settings: dict[str, Any], where: s
     sleep_settings, model_settings = _split_overrides(model_type, settings, where)
     if model_settings:
         model.configure(**model_settings)
-    model.sleep = _sleep_config(model.sleep, sleep_settings, where)
+    base = model.sleep
+    if sleep_settings.get("loops") not in (None, "auto"):  # a fixed count: the bounds of an earlier auto go
+        base = dataclasses.replace(base, max_loops=None, tolerance=None)
+    model.sleep = _sleep_config(base, sleep_settings, where)
     return model
 
 
@@ -225,6 +228,8 @@ def _build(config: dict, path: Path | None, *, sleep: SleepConfig | None, stored
             raise
         raise SleepzooError(f"{where}: {str(exc).removeprefix('config: ')}") from None
     model.sleep = base
+    if overrides.get("loops") not in (None, "auto"):  # a fixed count given: the stored bounds of loops: auto go
+        stored = {k: v for k, v in stored.items() if k not in ("max_loops", "tolerance")}
     return _apply(model, model_type, {**stored, **overrides}, where)
 
 

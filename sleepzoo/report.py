@@ -419,7 +419,8 @@ def plot_loops(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str |
 BOOKKEEPING = ("train.threads", "train.device", "train.log_every", "train.checkpoint_every",
                "train.keep_checkpoints", "train.loggers", "train.wandb_project", "eval.every", "eval.batch_size")
 #: Row settings and counters that are not metrics.
-NOT_METRICS = ("step", "loops", "window", "num_examples", "num_targets", "train_time_s", "split")
+NOT_METRICS = ("step", "loops", "max_loops", "tolerance", "window", "num_examples", "num_targets", "train_time_s",
+               "split")
 _MISSING = object()
 
 

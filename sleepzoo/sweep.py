@@ -210,7 +210,10 @@ def plan_sweep(recipe_path: str | Path, args: Sequence[str], out_dir: str | Path
             raise SleepzooError(f"grid points {names[name]} and {point} would both train into "
                                 f"{str(out / name)!r}; make the values differ in letters or digits")
         names[name] = point
-        overrides = [*plain, *(f"{k}={v}" for k, v in point.items())]
+        common = plain
+        if point.get("sleep.loops", "auto").strip() != "auto":  # the bounds of loops: auto go to its points only
+            common = [o for o in plain if not o.startswith(("sleep.max_loops=", "sleep.tolerance="))]
+        overrides = [*common, *(f"{k}={v}" for k, v in point.items())]
         run = SweepRun(name, out / name, point, overrides, load_recipe(recipe_path, overrides))
         _classify(run, recipe_path, jobs)
         plan.runs.append(run)

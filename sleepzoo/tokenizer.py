@@ -210,7 +210,9 @@ class ByteTokenizer(Tokenizer):
         self._vocab = [*self.SPECIALS, *names]
 
     def encode(self, text: str) -> list[int]:
-        return (np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) + self.OFFSET).tolist()
+        # a lone surrogate (valid in a Python str, not in UTF-8) is encoded as "?"
+        data = text.encode("utf-8", errors="replace") if not text.isascii() else text.encode("ascii")
+        return (np.frombuffer(data, dtype=np.uint8).astype(np.int64) + self.OFFSET).tolist()
 
     def decode(self, ids: Iterable[int]) -> str:
         out: list[str] = []

@@ -633,7 +633,8 @@ def _finish(run: _Run) -> dict:
     distributed.on_main(lambda: save_weights(plain, run.out / "final" / "model.safetensors",
                                              metadata={"step": str(cfg.steps)}))
     metrics = run.evaluate(last.recipe)
-    result = {"step": cfg.steps, "loops": last.recipe.sleep.loops, "window": last.recipe.sleep.window,
+    bounds = _eval_schedule(last.recipe.sleep, None, None, None)[1]  # loops: auto: its max_loops and tolerance
+    result = {"step": cfg.steps, "loops": last.recipe.sleep.loops, **bounds, "window": last.recipe.sleep.window,
               "num_examples": run.recipe.eval.num_examples, "train_time_s": elapsed, **metrics}
 
     def write_result() -> dict:

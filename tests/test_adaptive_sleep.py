@@ -7,6 +7,7 @@ sequence at a time), against fixed loop counts, and on a toy mixer whose converg
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from sleepzoo import SleepzooError, registry
 from sleepzoo.engine import fast_weight_change, pass_summary, sleep_schedule
 
 from test_engine import manual_block, tiny_model, tiny_recipe
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def rel_change(S_new: dict, S_old: dict) -> float:
@@ -128,7 +131,12 @@ def test_checkpointing_and_the_stream_agree_with_the_plain_run(model, ids):
         logits = torch.cat([stream.feed(ids[:, t:t + 1]) for t in range(ids.shape[1])], dim=1)
     torch.testing.assert_close(logits, plain.logits, rtol=0, atol=1e-12)
     assert stream.pass_summary() == pass_summary(plain.passes)
-    assert torch.tensor(stream.passes).T.tolist() == plain.passes.tolist()
+    counts = {int(n): c for n, c in pass_summary(plain.passes)["passes_hist"].items()}
+    assert stream.pass_counts == counts  # a histogram: bounded however long the stream
+    fork = stream.fork()
+    with torch.no_grad():
+        fork.feed(ids[:, :6])  # one more sleep in the fork only (the last chunk was full)
+    assert stream.pass_counts == counts and sum(fork.pass_counts.values()) == sum(counts.values()) + 4
 
 
 class Capped(nn.Module):
@@ -221,12 +229,12 @@ def test_an_adaptive_stream_saves_its_bounds_and_passes_and_continues_exactly(tm
         first.save(tmp_path / "m.safetensors")
         again = Stream.load(model, tmp_path / "m.safetensors")
         assert (again.loops, again.max_loops, again.tolerance) == ("auto", 5, 0.2)
-        assert again.passes == first.passes and len(again.passes) == 1
+        assert again.pass_counts == first.pass_counts and sum(again.pass_counts.values()) == 4  # 1 sleep x 4 rows
         torch.testing.assert_close(again.feed(ids[:, 8:]), expected, rtol=0, atol=0)
-    assert again.passes == whole.passes
+    assert again.pass_counts == whole.pass_counts
     info = describe(tmp_path / "m.safetensors")
     assert info["settings"]["max_loops"] == 5 and info["settings"]["tolerance"] == 0.2
-    assert info["passes"] == pass_summary(torch.tensor(first.passes))
+    assert info["passes"] == first.pass_summary() and info["passes"]["passes_mean"] is not None
     with pytest.raises(SleepzooError, match="settings.tolerance: saved 0.2, asked for 0.1"):
         Stream.load(model, tmp_path / "m.safetensors", tolerance=0.1)
 
@@ -254,6 +262,7 @@ def test_training_logs_passes_and_resumes_exactly(tmp_path, monkeypatch):
     assert [r["step"] for r in logged] == [3, 6]
     assert all(1.0 <= r["passes"] <= 3.0 for r in logged)
     assert 1.0 <= straight["passes_mean"] <= 3.0 and set(straight["passes_hist"]) <= {"1", "2", "3"}
+    assert (straight["loops"], straight["max_loops"], straight["tolerance"]) == ("auto", 3, 0.2)
     # killed in step 5 (after the checkpoint of step 4, in the middle of the log interval 4-6)
     train_until_killed(recipe, tmp_path / "b", monkeypatch, 4)
     train(recipe, tmp_path / "b", resume=True, progress=False)
@@ -289,16 +298,22 @@ def test_eval_sweep_prints_one_table_and_writes_one_plot(tmp_path):
     for row in ("1", "2", "auto 0.3"):
         assert any(line.split()[:2] == row.split()[:2] or line.strip().startswith(row) for line in
                    result.output.splitlines()), row
-    # the auto bounds of a run that sleeps adaptively itself are its own
     own = json.loads((run / "eval.json").read_text())
     assert own["loops"] == 2 and "max_loops" not in own
+    # --max-loops bounds the auto settings only, not the fixed counts beside them
+    result = CliRunner().invoke(main, ["eval", str(run), "--loops", "1,auto", "--max-loops", "3"])
+    assert result.exit_code == 0, result.output
+    rows = {r["label"]: r for r in json.loads((run / "eval-sweep.json").read_text())["rows"]}
+    assert rows["1"]["passes_mean"] == 1.0 and rows["auto 0.01"]["max_loops"] == 3
+    assert 1.0 <= rows["auto 0.01"]["passes_mean"] <= 3.0
 
 
 @pytest.mark.parametrize("args, match", [
     (["--loops", "0"], "'0' is not a loop count"),
     (["--loops", "2,x"], "'x' is not a loop count"),
     (["--loops", "2", "--tolerance", "0.1"], "--tolerance goes with --loops auto"),
-    (["--loops", "2", "--max-loops", "4"], "--max-loops: 4 is not allowed; max_loops goes with loops: auto"),
+    (["--loops", "2", "--max-loops", "4"], "--max-loops goes with --loops auto"),
+    (["--loops", "²"], "'²' is not a loop count"),
     (["--loops", "auto", "--tolerance", "-1"], "give numbers >= 0"),
     (["--loops", "auto", "--max-loops", "0"], "--max-loops: 0 is not allowed"),
 ])
@@ -339,3 +354,41 @@ def test_a_pretrained_folder_sleeps_adaptively_and_keeps_its_bounds(tmp_path):
         assert torch.equal(again(x).logits, out.logits)
     with pytest.raises(SleepzooError, match="tolerance"):
         from_pretrained(tmp_path / "jet", window=4, loops=2, tolerance=0.25)
+    fixed_again = from_pretrained(tmp_path / "saved", loops=3)  # a fixed count given: the saved bounds go
+    assert (fixed_again.sleep.loops, fixed_again.sleep.max_loops, fixed_again.sleep.tolerance) == (3, None, None)
+    with torch.no_grad():
+        assert torch.equal(fixed_again(x).logits, fixed.logits)
+
+
+def test_a_stage_or_grid_point_with_a_fixed_count_drops_the_bounds_of_auto(tmp_path):
+    from sleepzoo import load_recipe
+    from sleepzoo.sweep import plan_sweep
+
+    recipe = load_recipe({"model": {"layers": ["attention", "gated_deltanet"]}, "task": {"name": "rule110"},
+                          "sleep": {"loops": "auto", "tolerance": 0.3},
+                          "stages": [{"name": "warm", "steps": 2, "sleep": {"loops": 1}}, {"name": "main", "steps": 2}]})
+    sleeps = {name: (r.sleep.loops, r.sleep.max_loops, r.sleep.tolerance) for name, r in recipe.stage_recipes()}
+    assert sleeps == {"warm": (1, None, None), "main": ("auto", None, 0.3)}
+    plan = plan_sweep(REPO / "recipes" / "rule110-tiny.yaml", ["sleep.loops=1,auto", "sleep.tolerance=0.3"],
+                      tmp_path / "grid")
+    by = {run.name: run.recipe.sleep for run in plan.runs}
+    assert (by["loops1"].loops, by["loops1"].tolerance) == (1, None)
+    assert (by["loopsauto"].loops, by["loopsauto"].tolerance) == ("auto", 0.3)
+
+
+def test_a_models_config_is_the_recipes_section_as_given():
+    """What a saved memory's fingerprint is taken of: the recipe's model section, vocab_size as written."""
+    import sleepzoo
+
+    recipe = tiny_recipe()
+    model = sleepzoo.build_model(recipe)
+    assert model.config == recipe.model and model.config.vocab_size == 11
+
+
+def test_a_jsonl_line_that_is_not_unicode_text_is_one_clear_error(tmp_path):
+    from sleepzoo import build_task, load_recipe
+
+    (tmp_path / "a.jsonl").write_text('{"text": "fine text here"}\n{"text": "a \\ud800 b"}\n')
+    recipe = load_recipe(REPO / "recipes" / "text-tiny.yaml", overrides=[f"task.paths=[{tmp_path / 'a.jsonl'}]"])
+    with pytest.raises(SleepzooError, match=r"a.jsonl:2: field 'text' is not valid Unicode text"):
+        build_task(recipe)

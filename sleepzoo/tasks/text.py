@@ -114,6 +114,11 @@ def _read_jsonl(path: Path, text_field: str, owner: str) -> list[str]:
             got = "no such field" if not isinstance(row, dict) or text_field not in row else repr(value)[:60]
             raise SleepzooError(f"{owner}: text_field: {path}:{number} has no string field {text_field!r} "
                                 f"({got}); set text_field to the field that holds the text")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # valid JSON ("\ud800") that is not text: a lone surrogate
+            raise SleepzooError(f"{owner}: {path}:{number}: field {text_field!r} is not valid Unicode text "
+                                f"({exc.reason} at character {exc.start}); fix or drop that line") from None
         docs.append(value)
     return docs
 
