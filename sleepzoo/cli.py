@@ -195,6 +195,16 @@ def eval_command(run_dir: str, num_examples: int | None, loops: list | None, max
     atomic_write_json(out, {"rows": rows})
     png = report.plot_loops(rows, out.with_suffix(".png"), title=f"{Path(run_dir).name}: step {rows[0].get('step')}")
     console.print(f"wrote {out} and {png}")
+    _plot_positions(run_dir, {f"loops {r['label']}": r for r in rows}, console)
+
+
+def _plot_positions(run_dir: str, curves: dict[str, dict], console: Console) -> None:
+    """For a task that reports loss by position (task: text): ``eval-position.png``, one line per setting."""
+    curves = {k: r for k, r in curves.items() if (r.get("buckets") or {}).get("position")}
+    if curves:
+        png = report.plot_loss_by_position(curves, Path(run_dir) / "eval-position.png",
+                                           title=f"{Path(run_dir).name}: loss by position")
+        console.print(f"wrote {png} (loss by position, one line per loop setting)")
 
 
 def _print_evaluation(run_dir: str, result: dict, path: Path | None) -> None:
@@ -208,6 +218,13 @@ def _print_evaluation(run_dir: str, result: dict, path: Path | None) -> None:
     png = report.plot_eval(result, path.with_suffix(".png"),
                            title=f"{Path(run_dir).name}: step {result.get('step')}, loops {result.get('loops')}")
     console.print(f"wrote {path} and {png}")
+    if (result.get("buckets") or {}).get("position"):  # this evaluation beside the run's others, one line each
+        rows = {}
+        for file in sorted(Path(run_dir).glob("eval*.json")):
+            row, _ = report.read_row(file)
+            if row is not None and file.name != "eval-sweep.json" and "loops" in row:
+                rows[f"loops {report.loops_label(row['loops'], row.get('tolerance'))}"] = row
+        _plot_positions(run_dir, rows, console)
 
 
 def _token(vocab: Sequence[str], i: int) -> str:

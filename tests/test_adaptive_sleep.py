@@ -392,3 +392,26 @@ def test_a_jsonl_line_that_is_not_unicode_text_is_one_clear_error(tmp_path):
     recipe = load_recipe(REPO / "recipes" / "text-tiny.yaml", overrides=[f"task.paths=[{tmp_path / 'a.jsonl'}]"])
     with pytest.raises(SleepzooError, match=r"a.jsonl:2: field 'text' is not valid Unicode text"):
         build_task(recipe)
+
+
+def test_eval_of_a_text_run_plots_loss_by_position_one_line_per_setting(tmp_path):
+    from click.testing import CliRunner
+
+    from sleepzoo.cli import main
+    from test_report import PNG_MAGIC
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(24):
+        (corpus / f"d{i}.txt").write_text(" ".join(f"word{(i * j) % 17} and more text" for j in range(60)))
+    run = tmp_path / "run"
+    overrides = [f"task.paths=[{corpus}]", "train.steps=1", "eval.num_examples=4"]
+    result = CliRunner().invoke(main, ["train", str(REPO / "recipes" / "text-tiny.yaml"), *overrides,
+                                       "--out", str(run), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["eval", str(run), "--loops", "1,3", "--num-examples", "4"])
+    assert result.exit_code == 0, result.output
+    assert "loss by position" in result.output
+    assert (run / "eval-position.png").read_bytes()[:8] == PNG_MAGIC
+    row = json.loads((run / "eval-loops3-window64.json").read_text())
+    assert row["buckets"]["window"] and row["buckets"]["position"]
