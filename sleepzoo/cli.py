@@ -424,7 +424,11 @@ def validate_command(recipe: str, overrides: tuple[str, ...]) -> None:
     options = ", ".join(f"{k}={v}" for k, v in parsed.task.options.items())
     click.echo(f"ok: {recipe}")
     click.echo(f"  model  {m.name}, {len(m.layers)} layers ({', '.join(m.layers)}), d_model {m.d_model}, {params}")
-    click.echo(f"  sleep  window {s.window}, loops {s.loops}, eviction {s.eviction}")
+    from .rules import check_schedule
+
+    passes, tol = check_schedule(s.loops, s.max_loops, s.tolerance)
+    bounds = f" (at most {passes} passes, tolerance {tol:g})" if tol is not None else ""
+    click.echo(f"  sleep  window {s.window}, loops {s.loops}{bounds}, eviction {s.eviction}")
     click.echo(f"  task   {parsed.task.name}({options}), seq_len {task.seq_len}, vocab {task.vocab_size}")
     click.echo(f"  train  {t.steps} steps x batch {t.batch_size}, {t.optimizer}, seed {t.seed}")
     for stage, (name, staged) in zip(parsed.stages or (), parsed.stage_recipes() if parsed.stages else ()):
