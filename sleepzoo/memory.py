@@ -152,6 +152,24 @@ def _unpack(node: Any, tensors: dict[str, torch.Tensor], device: torch.device, s
 # save / load
 
 
+def _chunk_start_read(stream: Any) -> list:
+    """The part of the states at the current chunk's start that a sleep reads: the caches of the looped blocks
+    (the context every pass re-reads) and the whole state of the blocks after the loop (their run after sleep
+    starts there). The fast weights of the prelude and looped blocks at the chunk's start are never read (the
+    passes continue the wake pass's), so they are not saved: for Jet-Nemotron-2B that halves the file."""
+    from .engine import block_lists
+
+    prelude, loop, _ = block_lists(stream.model)
+    hi = len(prelude) + len(loop)
+    out = []
+    for i, (mixer, state) in enumerate(zip(stream.mixers, stream.chunk_start)):
+        carried = getattr(mixer, "carried_state", ())
+        if i < hi and state:
+            state = {k: v for k, v in state.items() if k not in carried} or None
+        out.append(state)
+    return out
+
+
 def save_stream(stream: Any, path: str | Path) -> Path:
     """Write ``stream``'s memory to ``path`` (one safetensors file, written atomically). Returns the path."""
     path = Path(path)
@@ -164,7 +182,7 @@ def save_stream(stream: Any, path: str | Path) -> Path:
         "tokens": stream.tokens, "filled": stream.filled, "sleeps": stream.sleeps,
         "passes": {str(n): c for n, c in sorted(stream.pass_counts.items())},  # passes used -> how many
         "states": packer.pack(list(stream.states), "states"),
-        "chunk_start": "states" if same_start else packer.pack(list(stream.chunk_start), "chunk_start"),
+        "chunk_start": "states" if same_start else packer.pack(_chunk_start_read(stream), "chunk_start"),
         "feats": packer.pack(torch.cat(stream.feats, dim=1), "feats") if stream.feats else None,
     }
     header["batch"] = next((int(t.shape[0]) for t in packer.tensors.values() if t.dim()), None)
@@ -190,7 +208,7 @@ def memory_bytes(stream: Any) -> dict[str, int]:
     packer = _Packer(copy=False)
     packer.pack(list(stream.states), "states")
     if stream.chunk_start is not stream.states:
-        packer.pack(list(stream.chunk_start), "chunk_start")
+        packer.pack(_chunk_start_read(stream), "chunk_start")
     if stream.feats:
         packer.pack(torch.cat(stream.feats, dim=1), "feats")
     return _bytes_per_kind(packer.tensors)

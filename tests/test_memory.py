@@ -190,3 +190,26 @@ def test_a_loaded_stream_keeps_its_batch_and_a_header_without_its_keys_is_damage
     save_file(load_file(str(path)), str(tmp_path / "bad.safetensors"), metadata={"sleepzoo_memory": json.dumps(header)})
     with pytest.raises(SleepzooError, match="lacks states"):
         describe(tmp_path / "bad.safetensors")
+
+
+def test_the_file_holds_only_the_chunk_start_a_sleep_reads(tmp_path):
+    """The fast weights of the prelude and looped blocks at the chunk's start are never read (the passes continue
+    the wake pass's): they are not saved; the coda's are (its run after sleep starts there). The continuation
+    stays exact (the tests above), and a file saved mid-window is smaller for it."""
+    from sleepzoo.memory import read_memory
+
+    model = tiny_model(dtype=torch.float64, loop=(1, 3))
+    ids = torch.randint(0, 13, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        stream = model.start_stream(window=5, loops=2)
+        stream.feed(ids)  # two sleeps, then 2 tokens of the third window: chunk_start is not the states
+    save_stream(stream, tmp_path / "m.safetensors")
+    _, tensors = read_memory(tmp_path / "m.safetensors")
+    hi = len(model.prelude) + len(model.loop)
+    saved = {name.split(".")[1] for name in tensors if name.startswith("chunk_start.") and "fast_weights" in name}
+    fast = {str(i) for i, m in enumerate(model.mixers()) if m.carried_state and i >= hi}
+    assert saved == fast and fast, (saved, fast)
+    again = load_stream(model, tmp_path / "m.safetensors")
+    rest = torch.randint(0, 13, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(_continue(again, rest), _continue(stream, rest), rtol=0, atol=0)
