@@ -241,6 +241,9 @@ def _token(vocab: Sequence[str], i: int) -> str:
 @click.option("--max-new-tokens", type=int, default=8, show_default=True)
 @click.option("--loops", callback=_one_loop_setting,
               help="Sleep passes per window, or auto (adaptive) [default: the recipe's sleep.loops].")
+@click.option("--max-loops", type=int, help="loops auto: the most passes per window [default: the recipe's, or 8].")
+@click.option("--tolerance", type=float, help="loops auto: stop when the fast weights change by less than this "
+                                               "[default: the recipe's, or 0.01].")
 @click.option("--window", type=int, help="Window length L [default: the recipe's sleep.window].")
 @click.option("--eviction", help="Eviction policy [default: the recipe's sleep.eviction].")
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
@@ -250,8 +253,8 @@ def _token(vocab: Sequence[str], i: int) -> str:
 @click.option("--memory", "memory_file", type=click.Path(dir_okay=False),
               help="A memory file: loaded first if it exists (the conversation so far), saved after.")
 def generate_command(run_dir: str, prompt: str | None, num_prompts: int, max_new_tokens: int, loops: int | None,
-                     window: int | None, eviction: str | None, sample: bool, temperature: float,
-                     top_k: int | None, seed: int, memory_file: str | None) -> None:
+                     max_loops: int | None, tolerance: float | None, window: int | None, eviction: str | None,
+                     sample: bool, temperature: float, top_k: int | None, seed: int, memory_file: str | None) -> None:
     """Stream a prompt through RUN_DIR's model and continue it token by token, sleeping whenever the
     window fills (the memory in use stays bounded by the window and the fast weights).
 
@@ -263,12 +266,14 @@ def generate_command(run_dir: str, prompt: str | None, num_prompts: int, max_new
     if memory_file is not None:
         from .memory import load_stream, stream_settings
 
-        settings = {k: v for k, v in (("window", window), ("loops", loops), ("eviction", eviction)) if v is not None}
+        settings = {k: v for k, v in (("window", window), ("loops", loops), ("eviction", eviction),
+                                      ("max_loops", max_loops), ("tolerance", tolerance)) if v is not None}
         if Path(memory_file).exists():
             stream = load_stream(model.eval(), memory_file, **settings)
             click.echo(f"memory {memory_file}: {stream.tokens} tokens so far, {stream.sleeps} sleeps")
         else:
-            stream = model.eval().start_stream(window=window, loops=loops, eviction=eviction)
+            stream = model.eval().start_stream(window=window, loops=loops, eviction=eviction, max_loops=max_loops,
+                                               tolerance=tolerance)
         window, loops, eviction = stream.policy.window, stream.loops, stream_settings(stream)["eviction"]
     if prompt is not None:
         index = {tok: i for i, tok in enumerate(task.vocab)}
@@ -293,7 +298,8 @@ def generate_command(run_dir: str, prompt: str | None, num_prompts: int, max_new
                                      generator=generator, stream=stream)
         else:
             out = model.generate(ids, max_new_tokens, window=window, loops=loops, eviction=eviction,
-                                 do_sample=sample, temperature=temperature, top_k=top_k, generator=generator)
+                                 do_sample=sample, temperature=temperature, top_k=top_k, generator=generator,
+                                 max_loops=max_loops, tolerance=tolerance)
         new = out[0, ids.shape[1]:].tolist()
         click.echo(f"prompt ({ids.shape[1]} tokens): {task.decode(ids[0].tolist())}")
         line = " ".join(_token(task.vocab, i) for i in new)

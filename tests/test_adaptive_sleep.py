@@ -415,3 +415,29 @@ def test_eval_of_a_text_run_plots_loss_by_position_one_line_per_setting(tmp_path
     assert (run / "eval-position.png").read_bytes()[:8] == PNG_MAGIC
     row = json.loads((run / "eval-loops3-window64.json").read_text())
     assert row["buckets"]["window"] and row["buckets"]["position"]
+
+
+def test_generate_sleeps_adaptively_and_its_memory_keeps_the_bounds(tmp_path):
+    from click.testing import CliRunner
+
+    from sleepzoo.cli import main
+    from sleepzoo.memory import describe
+    from sleepzoo.train import train
+    from test_train import tiny_rule110
+
+    run = tmp_path / "run"
+    train(tiny_rule110("train.steps=1"), run, progress=False)
+    memory = tmp_path / "m.safetensors"
+    args = ["generate", str(run), "-n", "1", "--max-new-tokens", "4", "--loops", "auto", "--max-loops", "3",
+            "--tolerance", "0.25", "--memory", str(memory)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    info = describe(memory)
+    assert (info["settings"]["loops"], info["settings"]["max_loops"], info["settings"]["tolerance"]) == ("auto", 3, 0.25)
+    assert 1 <= info["passes"]["passes_mean"] <= 3
+    again = CliRunner().invoke(main, args)  # the same bounds continue the saved conversation
+    assert again.exit_code == 0, again.output
+    other = CliRunner().invoke(main, [*args[:-3], "0.5", "--memory", str(memory)])
+    assert other.exit_code != 0 and "settings.tolerance: saved 0.25, asked for 0.5" in other.output
+    fixed = CliRunner().invoke(main, ["generate", str(run), "-n", "1", "--loops", "2", "--tolerance", "0.3"])
+    assert fixed.exit_code != 0 and "tolerance goes with loops: auto" in fixed.output

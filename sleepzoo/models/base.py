@@ -207,9 +207,10 @@ class SleepModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, window: int | None = None,
-                 loops: int | None = None, eviction: Any = None, sleep_every: int | None = None,
+                 loops: int | str | None = None, eviction: Any = None, sleep_every: int | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None, stream: Any = None) -> Tensor:
+                 generator: torch.Generator | None = None, stream: Any = None, max_loops: int | None = None,
+                 tolerance: float | None = None) -> Tensor:
         """Continue ``input_ids`` (B, T) by ``max_new_tokens`` tokens: the prompt is prefilled chunk by
         chunk, then tokens are decoded one at a time; the model sleeps whenever its window fills. Greedy
         unless ``do_sample`` (softmax at ``temperature``, optionally restricted to the ``top_k`` most
@@ -231,14 +232,16 @@ class SleepModel(nn.Module):
             keep = stream is not None
             if keep:
                 given = {k: v for k, v in (("window", window), ("loops", loops), ("eviction", eviction),
-                                           ("sleep_every", sleep_every)) if v is not None}
+                                           ("sleep_every", sleep_every), ("max_loops", max_loops),
+                                           ("tolerance", tolerance)) if v is not None}
                 if given:
                     raise SleepzooError(f"generate(stream=...): the stream's own settings hold; leave "
                                         f"{', '.join(given)} unset")
                 if stream.model is not self:
                     raise SleepzooError("generate(stream=...): the stream belongs to another model")
             else:
-                stream = self.start_stream(window=window, loops=loops, eviction=eviction, sleep_every=sleep_every)
+                stream = self.start_stream(window=window, loops=loops, eviction=eviction, sleep_every=sleep_every,
+                                           max_loops=max_loops, tolerance=tolerance)
             logits = stream.feed(input_ids)[:, -1]  # (B, vocab)
             out = [input_ids]
             for i in range(max_new_tokens):
