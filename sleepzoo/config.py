@@ -241,8 +241,9 @@ TOP_LEVEL = (*SECTIONS, "stages")
 
 def _resolve_stage(recipe: Recipe, stage: StageConfig) -> Recipe:
     own = copy.deepcopy(stage.sleep)
-    if own.get("loops") not in (None, "auto"):  # a fixed count: the bounds of a top-level loops: auto do not apply
-        own = {"max_loops": None, "tolerance": None, **own}
+    if "loops" in own:  # the bounds of a top-level loops: auto go with it (rules.merge_schedule)
+        schedule = rules.merge_schedule(recipe.sleep, own["loops"], own.get("max_loops"), own.get("tolerance"))
+        own.update(zip(("loops", "max_loops", "tolerance"), schedule))
     sleep = dataclasses.replace(recipe.sleep, **own)
     train = dataclasses.replace(recipe.train, **{**copy.deepcopy(stage.train), "steps": stage.steps})
     return dataclasses.replace(recipe, sleep=sleep, train=train, stages=[])

@@ -216,7 +216,6 @@ def consolidate(model: "SleepModel", feats: Tensor, states: Sequence[Any], start
             h_new, fast_new = run_blocks(loop, h_in, pass_states, span)
         if tolerance is None:
             h, fast = h_new, fast_new
-            used += 1
             continue
         with torch.no_grad():
             keep = active & ~(fast_weight_change(mixers[lo:hi], fast, fast_new) < tolerance)
@@ -226,6 +225,8 @@ def consolidate(model: "SleepModel", feats: Tensor, states: Sequence[Any], start
         active = keep
         if not _must_run_every_pass() and not bool(active.any()):
             break
+    if tolerance is None:  # a fixed count: every sequence took every pass
+        used.fill_(passes)
     slept = list(fast)
     if coda == "sleep" and len(after):
         coda_start = list(start_states[hi:])
@@ -304,14 +305,6 @@ def summary_of_counts(counts: dict[int, int]) -> dict:
         return {"passes_mean": None, "passes_hist": {}}
     return {"passes_mean": sum(n * c for n, c in counts.items()) / total,
             "passes_hist": {str(n): counts[n] for n in sorted(counts)}}
-
-
-AUTO = rules.AUTO
-
-
-def sleep_schedule(loops: Any, max_loops: Any = None, tolerance: Any = None) -> tuple[int, float | None]:
-    """(passes at the most, tolerance or None for a fixed count): :func:`sleepzoo.rules.check_schedule`."""
-    return rules.check_schedule(loops, max_loops, tolerance)
 
 
 CODA_MODES = ("sleep", "wake")
@@ -485,7 +478,7 @@ def run(model: "SleepModel", input_ids: Tensor, targets: Tensor | None = None, *
     ``loops="auto"`` (adaptive sleep): each sequence takes up to ``max_loops`` passes per window and stops
     when its fast weights change by less than ``tolerance`` (see :func:`consolidate`); ``.passes`` says how
     many each used."""
-    passes, tol = sleep_schedule(loops, max_loops, tolerance)
+    passes, tol = rules.check_schedule(loops, max_loops, tolerance)
     check_sleep_args(window, passes)
     stabilise = {**check_stabilisers(model, gate, pass_norm, truncate, coda), "tolerance": tol}
     if not (isinstance(return_logits, bool) or return_logits == "targets"):
@@ -555,12 +548,12 @@ class Stream:
                  sleep_every: int | None = None, gate: bool = False, pass_norm: bool = False,
                  truncate: int | None = None, coda: str = "sleep", max_loops: int | None = None,
                  tolerance: float | None = None):
-        self.max_passes, tol = sleep_schedule(loops, max_loops, tolerance)
+        self.max_passes, tol = rules.check_schedule(loops, max_loops, tolerance)
         check_sleep_args(window, self.max_passes)
         self.stabilise = {**check_stabilisers(model, gate, pass_norm, truncate, coda),  # truncate: no gradient
                           "tolerance": tol}
         self.model, self.loops = model, loops
-        self.max_loops, self.tolerance = (self.max_passes, tol) if loops == AUTO else (None, None)
+        self.max_loops, self.tolerance = (self.max_passes, tol) if tol is not None else (None, None)
         self.policy = resolve_eviction(eviction, window, sleep_every)
         self.mixers = model.mixers()
         self.states: list = [None] * len(self.mixers)
@@ -627,8 +620,11 @@ class Stream:
         feats = torch.cat(self.feats, dim=1)  # (B, chunk, d)
         states, used = consolidate(self.model, feats, self.states, self.chunk_start, self.max_passes,
                                    self.policy.span, **self.stabilise)
-        for n in used.tolist() if not used.is_meta else [self.max_passes] * used.shape[0]:  # meta: sizes only
-            self.pass_counts[n] = self.pass_counts.get(n, 0) + 1
+        if self.tolerance is None or used.is_meta:  # a fixed count (or sizes only): known without a device sync
+            self.pass_counts[self.max_passes] = self.pass_counts.get(self.max_passes, 0) + used.shape[0]
+        else:
+            for n in used.tolist():
+                self.pass_counts[n] = self.pass_counts.get(n, 0) + 1
         self.states = self.chunk_start = self.policy.evict(states, self.mixers)
         self.feats, self.filled = [], 0
         self.sleeps += 1

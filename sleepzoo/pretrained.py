@@ -63,7 +63,7 @@ from .checkpoint import (CheckpointError, _fsync_dir, _fsync_file, _listing, _sa
 from .config import RecipeError, SleepConfig
 from .models.base import read_config_json
 from .registry import SleepzooError
-from .rules import RuleError, check_count, check_schedule, check_sleep_every
+from .rules import RuleError, check_count, check_schedule, check_sleep_every, merge_schedule
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -97,8 +97,8 @@ def model_class(model_type: Any) -> type:
 
 # SleepConfig's fields (max_loops and tolerance: the bounds of loops: auto)
 SLEEP_OVERRIDES = ("window", "loops", "max_loops", "tolerance", "eviction", "sleep_every", "checkpoint")
-SAVED_SLEEP = ("window", "loops", "max_loops", "tolerance", "eviction", "sleep_every")  # save_pretrained's (not
-# checkpoint)
+SCHEDULE = ("loops", "max_loops", "tolerance")  # how many passes: merged by rules.merge_schedule
+SAVED_SLEEP = ("window", *SCHEDULE, "eviction", "sleep_every")  # what save_pretrained records (not checkpoint)
 # The sleep stabilisers (SleepConfig; truncate is training only): overrides too, recorded when not the default.
 STABILISERS = ("gate", "pass_norm", "coda")
 _SLEEP_NAMES = SLEEP_OVERRIDES + STABILISERS
@@ -196,10 +196,9 @@ def _apply(model: nn.Module, model_type: str, settings: dict[str, Any], where: s
     sleep_settings, model_settings = _split_overrides(model_type, settings, where)
     if model_settings:
         model.configure(**model_settings)
-    base = model.sleep
-    if sleep_settings.get("loops") not in (None, "auto"):  # a fixed count: the bounds of an earlier auto go
-        base = dataclasses.replace(base, max_loops=None, tolerance=None)
-    model.sleep = _sleep_config(base, sleep_settings, where)
+    loops, max_loops, tolerance = merge_schedule(model.sleep, *(sleep_settings.get(k) for k in SCHEDULE))
+    model.sleep = _sleep_config(dataclasses.replace(model.sleep, max_loops=max_loops, tolerance=tolerance),
+                                sleep_settings, where)
     return model
 
 

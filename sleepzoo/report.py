@@ -355,6 +355,14 @@ def loops_label(loops: Any, tolerance: float | None = None) -> str:
     return str(loops) if tolerance is None else f"{loops} {tolerance:g}"
 
 
+def _first_bucket(rows: Sequence[dict[str, Any]]) -> tuple[str | None, list[str]]:
+    """The first bucket key any row has (e.g. ``t``) and every value of it over the rows, in order."""
+    bucket = next((name for r in rows for name in (r.get("buckets") or {})), None)
+    if bucket is None:
+        return None, []
+    return bucket, sorted_bucket_values({v for r in rows for v in (r.get("buckets") or {}).get(bucket, {})})
+
+
 def loops_table(rows: Sequence[dict[str, Any]], *, title: str | None = None) -> Table:
     """One row per loop setting (``row["label"]``; auto rows: ``auto TOLERANCE``): the mean passes used,
     exact accuracy and loss and, for a task with buckets, the exact accuracy per value of its first bucket
@@ -362,9 +370,7 @@ def loops_table(rows: Sequence[dict[str, Any]], *, title: str | None = None) -> 
     from rich import box
 
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
-    bucket = next((name for r in rows for name in (r.get("buckets") or {})), None)
-    values = sorted_bucket_values({v for r in rows for v in (r.get("buckets") or {}).get(bucket, {})}) \
-        if bucket else []
+    bucket, values = _first_bucket(rows)
     width = max([5, *(len(str(r["label"])) for r in rows)])
     for c in ["loops", "passes", "exact", "loss", *(f"{bucket}={v}" for v in values)]:
         table.add_column(c, justify="right", no_wrap=True, min_width=width if c == "loops" else max(len(c), 5))
@@ -384,9 +390,7 @@ def plot_loops(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str |
     (``row["tolerance"]`` not None) as separate points; with buckets, one thin line per bucket value too."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    bucket = next((name for r in rows for name in (r.get("buckets") or {})), None)
-    values = sorted_bucket_values({v for r in rows for v in (r.get("buckets") or {}).get(bucket, {})}) \
-        if bucket else []
+    bucket, values = _first_bucket(rows)
     for adaptive, style in ((False, dict(marker="o", linestyle="-")), (True, dict(marker="*", linestyle=":"))):
         part = sorted((r for r in rows if (r.get("tolerance") is not None) == adaptive and
                        isinstance(r.get("passes_mean"), (int, float))), key=lambda r: r["passes_mean"])

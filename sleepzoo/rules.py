@@ -88,3 +88,15 @@ def check_schedule(loops: Any, max_loops: Any = None, tolerance: Any = None) -> 
         raise RuleError("tolerance", tolerance, "must be a number >= 0 (the relative change of the fast weights "
                                                 "under which a sequence stops sleeping; 0: never stop)")
     return max_loops, float(tolerance)
+
+
+def merge_schedule(base: Any, loops: Any = None, max_loops: Any = None, tolerance: Any = None) -> tuple[Any, Any, Any]:
+    """(loops, max_loops, tolerance) when the given ones override ``base``'s (a sleep section; None keeps
+    the base's loops). The bounds of adaptive sleep belong to its loops: a base's ``max_loops`` / ``tolerance``
+    carry over only when both the base and the result are ``auto``, so a fixed count given drops them, and
+    ``auto`` given over a fixed base starts from the defaults. The result is checked by
+    :func:`check_schedule`."""
+    loops = base.loops if loops is None else loops
+    inherit = loops == AUTO and base.loops == AUTO
+    return (loops, base.max_loops if inherit and max_loops is None else max_loops,
+            base.tolerance if inherit and tolerance is None else tolerance)

@@ -158,9 +158,8 @@ def evaluate(model: nn.Module, task: Task, recipe: Recipe, *, device: torch.devi
     """
     adaptive = {}
     if loops == "auto":
-        own = recipe.sleep.loops == "auto"
-        adaptive = {"max_loops": max_loops if max_loops is not None or not own else recipe.sleep.max_loops,
-                    "tolerance": tolerance if tolerance is not None or not own else recipe.sleep.tolerance}
+        _, bound, tol = rules.merge_schedule(recipe.sleep, loops, max_loops, tolerance)
+        adaptive = {"max_loops": bound, "tolerance": tol}
     was_training = model.training
     rng = capture_rng()
     model.eval()
@@ -710,10 +709,7 @@ def _eval_schedule(own: Any, loops: int | str | None, max_loops: int | None,
                    tolerance: float | None) -> tuple[int | str, dict[str, Any]]:
     """The loops an evaluation uses (``loops``, else the recipe's ``own`` sleep section's) and, for ``auto``,
     its bounds: those given, else the recipe's own when it sleeps adaptively too, else the defaults."""
-    used = own.loops if loops is None else loops
-    if used == "auto" and own.loops == "auto":
-        max_loops = own.max_loops if max_loops is None else max_loops
-        tolerance = own.tolerance if tolerance is None else tolerance
+    used, max_loops, tolerance = rules.merge_schedule(own, loops, max_loops, tolerance)
     try:
         passes, tol = rules.check_schedule(used, max_loops, tolerance)
     except rules.RuleError as exc:

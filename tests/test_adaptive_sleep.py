@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from sleepzoo import SleepzooError, registry
-from sleepzoo.engine import fast_weight_change, pass_summary, sleep_schedule
+from sleepzoo.engine import fast_weight_change, pass_summary
+from sleepzoo.rules import check_schedule as sleep_schedule
 
 from test_engine import manual_block, tiny_model, tiny_recipe
 

@@ -14,6 +14,7 @@ from .. import engine
 from ..config import SleepConfig
 from ..mixers import MixerState
 from ..registry import SleepzooError
+from ..rules import merge_schedule
 
 
 class SwiGLU(nn.Module):
@@ -169,9 +170,8 @@ class SleepModel(nn.Module):
                     "eviction": s.eviction if eviction is None else eviction,
                     "sleep_every": s.sleep_every if sleep_every is None else sleep_every,
                     "gate": s.gate, "pass_norm": s.pass_norm, "coda": s.coda if coda is None else coda}
-        own = s.loops == "auto" and settings["loops"] == "auto"  # the recipe's bounds go with its own auto
-        settings["max_loops"] = s.max_loops if own and max_loops is None else max_loops
-        settings["tolerance"] = s.tolerance if own and tolerance is None else tolerance
+        settings["loops"], settings["max_loops"], settings["tolerance"] = merge_schedule(s, loops, max_loops,
+                                                                                        tolerance)
         return settings
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, *, window: int | None = None,

@@ -261,6 +261,17 @@ class Task:
         keys = self._split_key(content)
         return (stable_hash(keys) % _U64(self.test_buckets)) == 0
 
+    def _generate_args(self, num_examples: Any, seed: Any, split: Any) -> tuple[int, int]:
+        """:meth:`generate`'s arguments checked (one error naming the bad one) and the batch's size against the
+        machine's memory; returns (num_examples, seed)."""
+        owner = f"{type(self).__name__}.generate"
+        n = _check_int(owner, "num_examples", num_examples, minimum=0)
+        seed = _check_int(owner, "seed", seed, minimum=0)
+        if split not in SPLITS:
+            raise SleepzooError(f"{owner}: split must be one of {', '.join(SPLITS)}, got {split!r}")
+        self.check_size(n, owner)
+        return n, seed
+
     def generate(self, num_examples: int, seed: int, split: str = "train") -> dict[str, torch.Tensor]:
         """``num_examples`` examples of ``split`` ("train" or "test"), deterministic in (config, n, seed, split).
 
@@ -269,12 +280,7 @@ class Task:
         RNG state. Candidates are drawn :attr:`draw_chunk` at a time, so a smaller ``num_examples`` gives a
         prefix of a larger one with the same seed.
         """
-        owner = f"{type(self).__name__}.generate"
-        n = _check_int(owner, "num_examples", num_examples, minimum=0)
-        seed = _check_int(owner, "seed", seed, minimum=0)
-        if split not in SPLITS:
-            raise SleepzooError(f"{owner}: split must be one of {', '.join(SPLITS)}, got {split!r}")
-        self.check_size(n, owner)
+        n, seed = self._generate_args(num_examples, seed, split)
         want_test = split == "test"
         # The split is part of the seed so that train and test of one seed are unrelated streams.
         rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split)]))

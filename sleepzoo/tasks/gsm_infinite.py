@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sleepzoo.registry import SleepzooError
-from sleepzoo.tasks.base import IGNORE_INDEX, SPLITS, TokenizedTask, _check_int
+from sleepzoo.tasks.base import IGNORE_INDEX, TokenizedTask, _check_int
 from sleepzoo.tokenizer import WORD_PATTERN, Tokenizer, WordTokenizer, describe_tokenizer, load_tokenizer
 
 FAMILIES = ("symbolic", "realistic")
@@ -693,18 +693,9 @@ number of manuals in Elm Library. Answer: 4. => 4.
                 "op": torch.as_tensor(np.asarray(content["op"], dtype=np.int64)),
                 "length": torch.from_numpy(lengths)}
 
-    def _check_args(self, num_examples: Any, seed: Any, split: Any) -> tuple[int, int]:
-        owner = "GSMInfinite.generate"
-        n = _check_int(owner, "num_examples", num_examples, minimum=0)
-        seed = _check_int(owner, "seed", seed, minimum=0)
-        if split not in SPLITS:
-            raise SleepzooError(f"{owner}: split must be one of {', '.join(SPLITS)}, got {split!r}")
-        self.check_size(n, owner)
-        return n, seed
-
     def generate(self, num_examples: int, seed: int, split: str = "train") -> dict[str, torch.Tensor]:
         """Like :meth:`Task.generate`; the test split is ordered by op (see the class docstring)."""
-        n, seed = self._check_args(num_examples, seed, split)
+        n, seed = self._generate_args(num_examples, seed, split)
         data = self._build(self._select(n, seed, split), split)
         self._check_batch(data, n)
         return data
@@ -717,7 +708,7 @@ number of manuals in Elm Library. Answer: 4. => 4.
         "query": value, "answer": [names]}``; of a realistic one: ``{"domain", "root", "answer", "nodes":
         {reference: {"op": leaf|add|sub|mul|sum|diff|total, "args": [references], "const", "value"}}}``.
         """
-        n, seed = self._check_args(num_examples, seed, split)
+        n, seed = self._generate_args(num_examples, seed, split)
         return self._render_all(self._select(n, seed, split))
 
     def _check_feasible(self) -> None:

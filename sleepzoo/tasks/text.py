@@ -351,12 +351,7 @@ class TextTask(TokenizedTask):
     def generate(self, num_examples: int, seed: int, split: str = "train") -> dict[str, torch.Tensor]:
         """``num_examples`` examples of ``split`` (see the class docstring): train draws with replacement,
         test is a seeded shuffle's prefix; deterministic in (corpus, options, n, seed, split)."""
-        owner = "text.generate"
-        n = _check_int(owner, "num_examples", num_examples, minimum=0)
-        seed = _check_int(owner, "seed", seed, minimum=0)
-        if split not in SPLITS:
-            raise SleepzooError(f"{owner}: split must be one of {', '.join(SPLITS)}, got {split!r}")
-        self.check_size(n, owner)
+        n, seed = self._generate_args(num_examples, seed, split)
         have = self.num_examples(split)
         if have == 0 and n > 0:
             raise SleepzooError(self._empty_split(split))
@@ -365,7 +360,7 @@ class TextTask(TokenizedTask):
             index = rng.integers(0, have, size=n) if n else np.zeros(0, np.int64)
         else:
             if n > have:
-                raise SleepzooError(f"{owner}: num_examples: the test split holds {have} examples of {self.seq_len} "
+                raise SleepzooError(f"text.generate: num_examples: the test split holds {have} examples of {self.seq_len} "
                                     f"tokens ({len(self._docs['test'])} documents); {n} were asked for")
             index = rng.permutation(have)[:n]
         data = self._pack(index, split) if self.packing == "pack" else self._crop(index, split)
