@@ -103,6 +103,8 @@ def metric_columns(rows: Sequence[dict], key: str | None = None) -> list[str]:
     headline = [k for k in HEADLINE if k in present]
     rest = sorted(k for k in present if k not in SETTINGS and k not in HEADLINE and k not in HIDDEN
                   and k != "train_time_s" and k != key and not _is_flattened_list(k, rows))
+    if all(r.get("loops") != "auto" for r in rows):  # fixed loop counts: the passes used are the loops column
+        rest = [k for k in rest if k not in ("passes_mean", "passes_hist")]
     timing = ["train_time_s"] if "train_time_s" in present else []
     return ([key] if key else []) + settings + headline + rest + timing
 
